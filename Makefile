@@ -1,0 +1,39 @@
+# make install: create/update .venv | make test: run the whole suite | make demo: synthetic data + quickstart
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DATA := data/synthetic
+
+.PHONY: install install-test test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+test: install-test
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+$(DEMO_DATA)/VOCdevkit:
+	$(BIN)/python code/scripts/make_synthetic_voc.py $(DEMO_DATA) --train 200 --val 40 --size 128 128 --seed 0
+
+demo: install $(DEMO_DATA)/VOCdevkit
+	DATASET_PATH=$(CURDIR)/$(DEMO_DATA) SBD_DATASET_PATH=$(CURDIR)/$(DEMO_DATA)/SBD \
+	CLEARML_OUTPUT_PATH=$${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml} \
+	$(BIN)/python -m py_config_runner code/scripts/training.py configs/train/quickstart_cpu.py
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf output $(DEMO_DATA)

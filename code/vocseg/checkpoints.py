@@ -1,0 +1,78 @@
+"""Checkpoint saving and loading with Ignite; loading explains mismatches instead of dumping tracebacks."""
+
+from pathlib import Path
+
+import torch
+from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
+
+from vocseg.errors import UserError
+
+
+def training_checkpointer(to_save: dict, dirname, n_saved: int = 2) -> Checkpoint:
+    # atomic=True writes to a temporary file and renames it: a kill -9 mid-save leaves the previous
+    # checkpoints intact and no half-written file behind.
+    return Checkpoint(to_save, DiskSaver(dirname, require_empty=False, atomic=True), filename_prefix="training",
+                      n_saved=n_saved)
+
+
+def best_model_checkpointer(model, dirname, trainer, metric: str = "mIoU", n_saved: int = 2) -> Checkpoint:
+    return Checkpoint(
+        {"model": model}, DiskSaver(dirname, require_empty=False, atomic=True), filename_prefix="best",
+        n_saved=n_saved, score_function=Checkpoint.get_default_score_fn(metric), score_name=f"val_{metric}",
+        global_step_transform=global_step_from_engine(trainer),
+    )
+
+
+def load_file(path, what: str, env: str):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: fix {env} (or unset it)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{what} {path} is not a readable PyTorch checkpoint ({type(exc).__name__}): fix {env}") from None
+
+
+def _model_state(model):
+    return getattr(model, "module", model).state_dict()
+
+
+def check_model_state(model, state: dict, path) -> None:
+    """Raise a UserError naming the differing keys when ``state`` does not fit ``model``."""
+    expected = _model_state(model)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return
+
+    def few(items):
+        return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+    details = []
+    if missing:
+        details.append(f"missing {few(missing)}")
+    if unexpected:
+        details.append(f"unexpected {few(unexpected)}")
+    if shapes:
+        details.append(f"shape differs {few(shapes)}")
+    raise UserError(f"checkpoint {path} was saved from a different model: {'; '.join(details)}")
+
+
+def resume(to_load: dict, path, env: str = "RESUME_FROM") -> dict:
+    checkpoint = load_file(path, "checkpoint", env)
+    absent = [k for k in to_load if k not in checkpoint]
+    if absent:
+        raise UserError(f"checkpoint {path} lacks {', '.join(absent)}: resume from a training_checkpoint_*.pt file")
+    check_model_state(to_load["model"], checkpoint["model"], path)
+    Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+    return checkpoint
+
+
+def load_weights(model, path, env: str = "WEIGHTS_PATH") -> None:
+    state = load_file(path, "weights file", env)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint
+    check_model_state(model, state, path)
+    getattr(model, "module", model).load_state_dict(state)

@@ -1,0 +1,80 @@
+"""Loading and checking py_config_runner config files, with errors that name the file and line."""
+
+import os
+import traceback
+from pathlib import Path
+from typing import Mapping, Optional
+
+from py_config_runner import ConfigObject, InferenceConfigSchema, TrainvalConfigSchema
+from pydantic import ValidationError
+
+from vocseg.errors import UserError
+
+
+def load_config(path, mutations: Optional[Mapping] = None) -> ConfigObject:
+    """Evaluates the config now (py_config_runner is lazy) so that its errors surface here, clearly."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    config = ConfigObject(path, mutations=dict(mutations) if mutations else None)
+    try:
+        len(config)  # forces the load
+    except SyntaxError as exc:
+        raise UserError(f"syntax error in config {path}, line {exc.lineno}: {exc.msg}") from None
+    except UserError:
+        raise
+    except Exception as exc:
+        # The innermost frame inside the config file tells the user where to look.
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name in (path.name, "<string>")]
+        where = f", line {frames[-1].lineno}" if frames else ""
+        raise UserError(f"config {path}{where} failed: {type(exc).__name__}: {exc}") from exc
+    config["config_filepath"] = path
+    return config
+
+
+def _check(config: ConfigObject, schema, path) -> None:
+    try:
+        schema.validate(config)
+    except ValidationError as exc:
+        missing = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "missing"]
+        wrong = [f"{'.'.join(map(str, e['loc']))} ({e['msg']})" for e in exc.errors() if e["type"] != "missing"]
+        parts = []
+        if missing:
+            parts.append("missing keys: " + ", ".join(missing))
+        if wrong:
+            parts.append("invalid keys: " + "; ".join(wrong))
+        raise UserError(f"config {path}: {'; '.join(parts)}: define them in the config file") from None
+
+
+def check_trainval(config: ConfigObject) -> None:
+    _check(config, TrainvalConfigSchema, config["config_filepath"])
+
+
+def check_inference(config: ConfigObject) -> None:
+    _check(config, InferenceConfigSchema, config["config_filepath"])
+
+
+def env_path(name: str, default=None):
+    """An optional path from the environment (empty string counts as unset)."""
+    value = os.environ.get(name, "")
+    return value if value else default
+
+
+def peek_constant(path, name: str, mutations: Optional[Mapping] = None, default=None):
+    """A top-level constant of a config, read without running it (the seed must be set before the
+    config builds its model)."""
+    if mutations and name in mutations:
+        return mutations[name]
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text(), filename=str(path))
+    except SyntaxError as exc:
+        raise UserError(f"syntax error in config {path}, line {exc.lineno}: {exc.msg}") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                return default
+    return default

@@ -1,0 +1,197 @@
+"""Datasets -> DataLoaders, reproducibly and shard-aware.
+
+Reproducibility contract (what exact resume relies on): the training order of epoch ``e`` and every
+sample's augmentation depend only on ``(seed, e, position)``. The sampler yields ``(index, sample_seed)``
+pairs and the dataset seeds albumentations from ``sample_seed``, so neither the number of workers nor
+which worker handles which batch, nor a restart in the middle of an epoch, changes a single pixel.
+"""
+
+import random
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+import ignite.distributed as idist
+
+from vocseg import transforms as T
+from vocseg.datasets import SBDSegmentation, VOCSBDTrain, VOCSegmentation
+from vocseg.errors import UserError
+
+
+class SegmentationSamples(Dataset):
+    """Applies an albumentations pipeline and returns uint8 CHW image / uint8 HW mask tensors."""
+
+    def __init__(self, dataset, transform, expected_size: Optional[int] = None, size_key: str = "val_pad_size"):
+        self.dataset = dataset
+        self.transform = transform
+        self.expected_size = expected_size
+        self.size_key = size_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.dataset[index]
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        out = self.transform(image=sample["image"], mask=sample["mask"])
+        image, mask = out["image"], out["mask"]
+        if self.expected_size is not None and image.shape[:2] != (self.expected_size, self.expected_size):
+            raise UserError(
+                f"image '{sample['id']}' is {sample['image'].shape[1]}x{sample['image'].shape[0]}, larger than "
+                f"{self.size_key}={self.expected_size}: raise {self.size_key} in the config"
+            )
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "index": index,
+        }
+
+
+class SeededShuffleSampler(DistributedSampler):
+    """Per-epoch shuffled, rank-sharded sampler that hands each sample its own augmentation seed.
+
+    ``skip_batches`` lets a run resumed in the middle of an epoch start exactly where it stopped
+    without loading the samples it already trained on.
+    """
+
+    def __init__(self, dataset_len: int, seed: int, batch_size: int, num_replicas: int = 1, rank: int = 0):
+        self.dataset_len = dataset_len
+        self.seed = seed
+        self.batch_size = batch_size  # per process
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.skip_batches = 0
+        # Every rank gets the same number of full batches: the tail that does not fill one is dropped.
+        self.num_samples = (dataset_len // (num_replicas * batch_size)) * batch_size
+        self.total_size = self.num_samples * num_replicas
+        if self.num_samples == 0:
+            raise UserError(
+                f"the training set has {dataset_len} images, fewer than one batch of {batch_size} per process x "
+                f"{num_replicas} processes: lower batch_size or add data"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.dataset_len)[: self.total_size]
+        seeds = rng.integers(0, 2**31 - 1, size=self.total_size)
+        mine = slice(self.rank, self.total_size, self.num_replicas)
+        order, seeds = order[mine], seeds[mine]
+        start = self.skip_batches * self.batch_size
+        for index, seed in zip(order[start:].tolist(), seeds[start:].tolist()):
+            yield index, seed
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip_batches * self.batch_size
+
+
+class ShardSampler(DistributedSampler):
+    """Every index exactly once across ranks, no padding: rank r takes r, r + world, ...
+
+    DistributedSampler pads the last shard with repeated images, which would count them twice in a
+    confusion matrix; shards of unequal length are harmless because metrics are reduced only once.
+    """
+
+    def __init__(self, indices, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(indices)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.indices[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return len(self.indices[self.rank :: self.num_replicas])
+
+
+def seed_worker(worker_id: int) -> None:
+    # Anything a worker draws outside our per-sample seeds (numpy / random in third-party code) is
+    # still tied to the loader's seed rather than to the fork.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _subset(dataset, limit: Optional[int]):
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, list(range(limit)))
+
+
+def build_train_dataset(voc_root, sbd_root=None):
+    """VOC train, or VOC train + SBD train/val without any VOC val image when ``sbd_root`` is given."""
+    if sbd_root is None:
+        return VOCSegmentation(voc_root, "train")
+    return VOCSBDTrain(voc_root, sbd_root)
+
+
+def get_dataloaders(
+    voc_root,
+    sbd_root=None,
+    *,
+    batch_size: int,
+    val_batch_size: Optional[int] = None,
+    num_workers: int = 4,
+    crop_size: int = 480,
+    val_pad_size: int = 513,
+    seed: int = 12,
+    train_eval_num_samples: int = 1000,
+    limit_train_num_samples: Optional[int] = None,
+    limit_val_num_samples: Optional[int] = None,
+    pin_memory: Optional[bool] = None,
+):
+    """Returns ``(train_loader, val_loader, train_eval_loader)``.
+
+    ``batch_size`` is the total over all processes (each gets ``batch_size // world_size``).
+    The train-evaluation loader scores a fixed, seeded subset of the training images at full
+    resolution, to compare with validation and spot over-fitting.
+    """
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    if batch_size < world_size:
+        raise UserError(f"batch_size={batch_size} is smaller than the {world_size} processes: raise batch_size")
+    val_batch_size = val_batch_size or max(1, batch_size)
+    if pin_memory is None:
+        pin_memory = "cuda" in idist.device().type
+
+    train_raw = _subset(build_train_dataset(voc_root, sbd_root), limit_train_num_samples)
+    val_raw = _subset(VOCSegmentation(voc_root, "val"), limit_val_num_samples)
+
+    train_ds = SegmentationSamples(train_raw, T.train_transform(crop_size))
+    val_ds = SegmentationSamples(val_raw, T.val_transform(val_pad_size), expected_size=val_pad_size)
+    # Same images as training, but at full resolution without augmentation.
+    train_eval_ds = SegmentationSamples(train_raw, T.val_transform(val_pad_size), expected_size=val_pad_size)
+
+    per_process = batch_size // world_size
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=seed_worker,
+                  persistent_workers=num_workers > 0)
+    train_loader = idist.auto_dataloader(
+        train_ds,
+        batch_size=batch_size,
+        sampler=SeededShuffleSampler(len(train_ds), seed, per_process, world_size, rank),
+        drop_last=True,
+        **common,
+    )
+
+    n_eval = min(train_eval_num_samples, len(train_raw))
+    eval_indices = sorted(np.random.default_rng(seed).choice(len(train_raw), size=n_eval, replace=False).tolist())
+    val_loader = idist.auto_dataloader(
+        val_ds, batch_size=val_batch_size, sampler=ShardSampler(range(len(val_ds)), world_size, rank),
+        shuffle=False, drop_last=False, **common,
+    )
+    train_eval_loader = idist.auto_dataloader(
+        train_eval_ds, batch_size=val_batch_size, sampler=ShardSampler(eval_indices, world_size, rank),
+        shuffle=False, drop_last=False, **common,
+    )
+    return train_loader, val_loader, train_eval_loader
+

@@ -1,0 +1,24 @@
+"""Optimiser and schedule of the DeepLab recipe: SGD, head at 10x the backbone LR, poly decay per step."""
+
+import torch
+from torch.optim.lr_scheduler import PolynomialLR
+
+from vocseg.models import head_parameters
+
+
+def sgd(model, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, head_lr_mult: float = 10.0,
+        nesterov: bool = False) -> torch.optim.SGD:
+    backbone, head = head_parameters(model)
+    groups = [{"params": backbone, "lr": lr, "name": "backbone"}]
+    if head:
+        groups.append({"params": head, "lr": lr * head_lr_mult, "name": "head"})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def poly_lr(optimizer, num_steps: int, power: float = 0.9) -> PolynomialLR:
+    """Poly decay to zero over ``num_steps`` optimiser steps (the trainer steps it once per update)."""
+    return PolynomialLR(optimizer, total_iters=max(1, num_steps), power=power)
+
+
+def optimizer_steps(train_loader, num_epochs: int, accumulation_steps: int = 1) -> int:
+    return (len(train_loader) // accumulation_steps) * num_epochs

@@ -1,0 +1,37 @@
+# Minutes-long CPU run on the synthetic dataset (make demo): a small torchvision DeepLabV3 that visibly learns.
+import os
+
+from vocseg.dataflow import get_dataloaders
+from vocseg.datasets import voc_root_from_env
+from vocseg.losses import DeepLabLoss
+from vocseg.models import deeplabv3
+from vocseg.optim import optimizer_steps, poly_lr, sgd
+
+seed = 12
+device = "cpu"
+amp = "off"
+
+batch_size = 8
+num_workers = 2
+crop_size = 96
+val_pad_size = 128
+train_loader, val_loader, train_eval_loader = get_dataloaders(
+    voc_root_from_env(), batch_size=batch_size, val_batch_size=16, num_workers=num_workers, crop_size=crop_size,
+    val_pad_size=val_pad_size, seed=seed, train_eval_num_samples=50,
+)
+
+num_classes = 21
+# Offline by design: no ImageNet download, the synthetic colours are easy to learn from scratch.
+model = deeplabv3("mobilenet_v3_large", num_classes=num_classes, aux_loss=False, pretrained_backbone=False)
+criterion = DeepLabLoss()
+
+num_epochs = 8
+learning_rate = 0.02
+accumulation_steps = 1
+optimizer = sgd(model, lr=learning_rate, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0)
+lr_scheduler = poly_lr(optimizer, optimizer_steps(train_loader, num_epochs, accumulation_steps), power=0.9)
+
+val_interval = 2
+save_every_iters = 100
+log_every_iters = 10
+resume_from = os.environ.get("RESUME_FROM")
