@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, DistributedSampler
 import ignite.distributed as idist
 
 from vocseg import transforms as T
-from vocseg.datasets import SBDSegmentation, VOCSBDTrain, VOCSegmentation
+from vocseg.datasets import VOCSBDTrain, VOCSegmentation
 from vocseg.errors import UserError
 
 
@@ -39,6 +39,7 @@ class SegmentationSamples(Dataset):
             self.transform.set_random_seed(seed)
         out = self.transform(image=sample["image"], mask=sample["mask"])
         image, mask = out["image"], out["mask"]
+        height, width = sample["mask"].shape
         if self.expected_size is not None and image.shape[:2] != (self.expected_size, self.expected_size):
             raise UserError(
                 f"image '{sample['id']}' is {sample['image'].shape[1]}x{sample['image'].shape[0]}, larger than "
@@ -48,6 +49,8 @@ class SegmentationSamples(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": index,
+            "id": sample["id"],
+            "size": torch.tensor([height, width]),  # before padding, to crop predictions back
         }
 
 
@@ -195,3 +198,16 @@ def get_dataloaders(
     )
     return train_loader, val_loader, train_eval_loader
 
+
+
+def get_val_loader(voc_root, *, batch_size: int = 4, num_workers: int = 4, val_pad_size: int = 513,
+                   image_set: str = "val", limit_num_samples: Optional[int] = None, pin_memory: Optional[bool] = None):
+    """Full-resolution VOC images (padded to ``val_pad_size``), each exactly once across processes."""
+    world_size, rank = idist.get_world_size(), idist.get_rank()
+    if pin_memory is None:
+        pin_memory = "cuda" in idist.device().type
+    raw = _subset(VOCSegmentation(voc_root, image_set), limit_num_samples)
+    ds = SegmentationSamples(raw, T.val_transform(val_pad_size), expected_size=val_pad_size)
+    return idist.auto_dataloader(ds, batch_size=batch_size, sampler=ShardSampler(range(len(ds)), world_size, rank),
+                                 shuffle=False, drop_last=False, num_workers=num_workers, pin_memory=pin_memory,
+                                 worker_init_fn=seed_worker)

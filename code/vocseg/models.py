@@ -5,6 +5,7 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -60,8 +61,22 @@ def _load_backbone_file(model: nn.Module, path: str) -> None:
 
 
 def deeplabv3(backbone: str = "resnet101", num_classes: int = NUM_CLASSES, aux_loss: bool = True,
-              pretrained_backbone: bool = True) -> nn.Module:
-    """torchvision DeepLabV3 (output stride 8 for ResNets) with an optional ImageNet-pretrained backbone."""
+              pretrained_backbone: bool = True, bn_momentum: Optional[float] = None) -> nn.Module:
+    """torchvision DeepLabV3 (output stride 8 for ResNets) with an optional ImageNet-pretrained backbone.
+
+    ``bn_momentum`` overrides every BatchNorm's running-stats momentum: torchvision's MobileNetV3 uses
+    0.01, which leaves the running statistics near their initial values for the first thousand steps,
+    so a short run from scratch would evaluate far worse than it trains.
+    """
+    model = _build(backbone, num_classes, aux_loss, pretrained_backbone)
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
+    return model
+
+
+def _build(backbone, num_classes, aux_loss, pretrained_backbone) -> nn.Module:
     if backbone not in _BUILDERS:
         raise UserError(f"model backbone '{backbone}' is unknown: use one of {sorted(_BUILDERS)}")
     builder, weights = _BUILDERS[backbone]

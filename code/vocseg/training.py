@@ -43,10 +43,8 @@ def setup_logging(output_dir):
 
     rank = idist.get_rank()
     logger = setup_logger("vocseg", filepath=output_dir / "training.log" if rank == 0 else None,
-                          distributed_rank=rank, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logger.propagate = False
-    for name in ("vocseg.models", "vocseg.datasets"):
-        logging.getLogger(name).parent = logger
+                          distributed_rank=rank, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                          reset=True)  # vocseg.* module loggers propagate here
     return logger
 
 
@@ -188,8 +186,16 @@ def run(config, **kwargs) -> None:
 
     given = config.__dict__["__internal_config_object_data_dict__"]  # the paths, without loading the config
     config_path, script_path = Path(given["config_filepath"]), given.get("script_filepath")
+
+    def one_rank(local_rank):
+        from vocseg import clearml_tracking
+
+        # ClearML first: the task may enqueue itself, or carry a clone's edited hyperparameters.
+        tracked = clearml_tracking.prepare(config_path, script_path) if clearml_tracking.enabled() else {}
+        train(config_path, script_path, **{**kwargs, **tracked})
+
     try:
         with idist.Parallel(backend=distributed_backend()) as parallel:
-            parallel.run(lambda local_rank: train(config_path, script_path, **kwargs))
+            parallel.run(one_rank)
     except UserError as exc:
         exit_with(exc)

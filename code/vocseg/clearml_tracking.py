@@ -1,0 +1,398 @@
+"""ClearML experiment tracking: task creation, online/offline choice, remote execution, clones, output models.
+
+``export CLEARML_OUTPUT_PATH=...`` switches it on (a run under ``clearml-agent`` always has it on).
+
+Online or offline: a server is used when credentials are configured (``~/clearml.conf``,
+``CLEARML_CONFIG_FILE``, or ``CLEARML_API_ACCESS_KEY``/``CLEARML_API_SECRET_KEY``); without credentials,
+or with ``CLEARML_OFFLINE_MODE=1``, the run is tracked offline into a session zip that
+``code/scripts/import_offline_session.py`` uploads later.
+
+A configured server that does not answer a short probe makes the run *fall back to offline* with a
+warning rather than fail: a training run is worth more than its live dashboard, and the offline session
+loses nothing (import it once the server is back). The exceptions are the cases that cannot work
+offline -- enqueueing with ``CLEARML_QUEUE`` and fetching a model by id -- which fail with a UserError.
+"""
+
+import ast
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Optional
+
+import ignite.distributed as idist
+from ignite.engine import Events
+
+from vocseg.config import peek_constant
+from vocseg.errors import UserError, one_line
+from vocseg.voc import VOC_CLASSES
+
+PROJECT = "Pascal-VOC12 Training"
+SECTION = "Config"  # hyperparameter section holding the config's constants
+PROBE_TIMEOUT_S = 5.0
+_SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
+_MODEL_ID = re.compile(r"[0-9a-f]{32}")
+_IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
+
+
+def say(message: str) -> None:
+    # The vocseg logger is configured only once train() has an output folder; this runs before.
+    print(f"ClearML (vocseg): {message}", file=sys.stderr, flush=True)
+
+
+def running_under_agent() -> bool:
+    # clearml-agent exports the id of the task it executes; reading it avoids importing clearml.
+    return bool(os.environ.get("CLEARML_TASK_ID") or os.environ.get("TRAINS_TASK_ID"))
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("CLEARML_OUTPUT_PATH")) or running_under_agent()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyperparameters: the config's literal constants, and edits made to them in the UI turned into mutations.
+
+
+def config_constants(config_path) -> dict:
+    """Top-level ``name = literal`` numbers, strings and bools of a config, read without running it.
+
+    Exactly the assignments py_config_runner's mutations can replace; secret-looking names are left out.
+    """
+    tree = ast.parse(Path(config_path).read_text(), filename=str(config_path))
+    constants = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        if isinstance(value, (bool, int, float, str)) and not _SECRET_NAME.search(name):
+            constants[name] = value
+    return constants
+
+
+def _cast(name: str, value, like):
+    if isinstance(like, bool):
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise ValueError
+    if isinstance(like, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value) if not isinstance(value, str) else int(value.strip())
+    if isinstance(like, float):
+        return float(value)
+    return str(value)
+
+
+def config_overrides(original: Mapping, edited: Mapping) -> dict:
+    """The edited hyperparameters that differ from the config, cast back to the config's types.
+
+    ClearML hands hyperparameters back as strings; a name the config does not define, or a value that
+    does not parse as the original's type, is a UserError (one line).
+    """
+    overrides = {}
+    for name, value in edited.items():
+        if name not in original:
+            raise UserError(f"hyperparameter {SECTION}/{name} is not a constant of the config (known: "
+                            f"{', '.join(sorted(original))}): remove it from the task")
+        like = original[name]
+        try:
+            cast = _cast(name, value, like)
+        except (TypeError, ValueError):
+            raise UserError(f"hyperparameter {SECTION}/{name}={value!r} is not a valid {type(like).__name__} "
+                            f"(config value {like!r}): fix it in the task") from None
+        if cast != like or type(cast) is not type(like):
+            overrides[name] = cast
+    return overrides
+
+
+def edited_overrides(task, original: Mapping) -> dict:
+    """Under an agent: the hyperparameters as (possibly) edited in the UI -> mutations for load_config."""
+    edited = task.get_parameters_as_dict().get(SECTION, {})
+    overrides = config_overrides(original, edited)
+    if overrides:
+        say("hyperparameters edited in the task override the config: "
+            + ", ".join(f"{k}={v!r} (was {original[k]!r})" for k, v in sorted(overrides.items())))
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Online / offline.
+
+
+def _credentials_configured() -> bool:
+    from clearml.backend_api.session.defs import ENV_ACCESS_KEY, ENV_AUTH_TOKEN
+    from clearml.config import config_obj
+
+    return bool(ENV_AUTH_TOKEN.get() or ENV_ACCESS_KEY.get() or config_obj.get("api.credentials.access_key", None))
+
+
+def _api_host() -> str:
+    from clearml.backend_api import Session
+
+    return Session.get_api_server_host()
+
+
+def probe_server(host: str, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
+    """None when the API server answers at all (any HTTP status), else why not.
+
+    ClearML's own first request retries for minutes without a word; this bounds the wait.
+    """
+    try:
+        urllib.request.urlopen(f"{host}/debug.ping", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+    return None
+
+
+def choose_offline(need_server: Optional[str] = None) -> bool:
+    """Decides, says and applies online vs offline (before Task.init). ``need_server`` names what cannot
+    work offline (e.g. enqueueing): then an unusable server is a UserError instead of a fallback."""
+    from ignite.handlers.clearml_logger import ClearMLLogger
+
+    if running_under_agent():
+        return False
+    reason, offline = None, True
+    if os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = "CLEARML_OFFLINE_MODE is set"
+    elif not _credentials_configured():
+        reason = ("no ClearML server configured (no credentials in ~/clearml.conf, CLEARML_CONFIG_FILE or "
+                  "CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY)")
+    else:
+        host = _api_host()
+        problem = probe_server(host)
+        if problem is None:
+            offline = False
+        else:
+            reason = f"ClearML server {host} did not answer within {PROBE_TIMEOUT_S:.0f} s ({problem})"
+    if offline and need_server:
+        raise UserError(f"{need_server} needs a reachable ClearML server, but {reason}: configure one "
+                        f"(see experiments/clearml/README.md)")
+    if offline:
+        say(f"{reason}: tracking OFFLINE; the session zip and the command to import it are printed at the end")
+    # Ignite calls offline mode "bypass" and turns it on whenever CI is set: this decision wins instead.
+    ClearMLLogger.set_bypass_mode(offline)
+    return offline
+
+
+def _tune_sdk() -> None:
+    from clearml.config import config, config_obj
+
+    # The default subprocess event reporter makes Task.close() wait 7-10 s for its polling loop; a
+    # reporter thread ends at once and costs nothing noticeable per reported value.
+    config_obj.set_overrides({"sdk": {"development": {"report_use_subprocess": False}}})
+    config.clear_config_impl()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The task.
+
+
+def _entry_point(config_path, script_path) -> dict:
+    """What an agent runs again: ``python -m py_config_runner SCRIPT CONFIG`` from the repository root."""
+    cwd = Path.cwd().resolve()
+
+    def rel(p):
+        p = Path(p).resolve()
+        return p.relative_to(cwd).as_posix() if p.is_relative_to(cwd) else p.as_posix()
+
+    args = [rel(script_path)] if script_path else []
+    return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": "."}
+
+
+def init_task(config_path, task_type: str = "training", script_path=None, need_server: Optional[str] = None):
+    """Creates this process's ClearML task from a config *path* (the config is not evaluated).
+
+    Records the config file (configuration object and artifact), the script, git state, installed packages
+    and an entry point an agent can run. For evaluation scripts: ``init_task(config_path, "testing")``;
+    call ``finish(task)`` at the end.
+    """
+    from clearml import Task
+
+    _tune_sdk()
+    choose_offline(need_server)
+    # The agent clones the repository; vocseg lives under code/ and is installed from it.
+    Task.add_requirements("-e .")
+    task = Task.init(
+        project_name=PROJECT, task_name=Path(config_path).stem, task_type=task_type, reuse_last_task_id=False,
+        # Models are registered explicitly (best checkpoints only); scalars come from Ignite's handlers,
+        # not a second time from TensorBoard.
+        auto_connect_frameworks={"pytorch": False, "tensorboard": False, "tensorboardx": False},
+    )
+    if task.running_locally():
+        _fix_entry_point(task, config_path, script_path)
+    task.connect_configuration(Path(config_path), name="config", description="the py_config_runner config file")
+    task.upload_artifact("config", artifact_object=Path(config_path), wait_on_upload=False)
+    if script_path:
+        task.upload_artifact("script", artifact_object=Path(script_path), wait_on_upload=False)
+    return task
+
+
+def _fix_entry_point(task, config_path, script_path) -> None:
+    # ClearML detects the repository in a background thread and then writes the script section; it
+    # would record py_config_runner's __main__ (or our own module) as what to run. Wait for it, then set
+    # the real command line.
+    task._wait_for_repo_detection(timeout=60.0)
+    task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}",
+                    **_entry_point(config_path, script_path))
+
+
+def finish(task) -> None:
+    """Closes a task; offline, prints the session zip and the command that imports it into a server."""
+    folder = task.get_offline_mode_folder() if task.is_offline() else None
+    task.close()
+    if folder:
+        announce_offline_session(folder)
+
+
+def announce_offline_session(folder) -> None:
+    archive = Path(f"{folder}.zip")
+    script = os.path.relpath(_IMPORT_SCRIPT) if _IMPORT_SCRIPT.exists() else "code/scripts/import_offline_session.py"
+    say(f"offline session: {archive}\n  import it into a ClearML server later with:\n"
+        f"  python {script} {archive}")
+
+
+def prepare(config_path, script_path) -> dict:
+    """``train()`` keyword arguments for a tracked run: config mutations (a clone's edited hyperparameters)
+    and, on rank 0, the tracker factory. Enqueues the run instead when a queue is requested."""
+    mutations, factory = {}, None
+    if idist.get_rank() == 0:
+        queue = os.environ.get("CLEARML_QUEUE") or peek_constant(config_path, "clearml_queue")
+        task = init_task(config_path, "training", script_path,
+                         need_server=f"CLEARML_QUEUE={queue}" if queue and not running_under_agent() else None)
+        constants = config_constants(config_path)
+        if task.running_locally():
+            task.connect(dict(constants), name=SECTION)
+            if queue:
+                say(f"enqueueing the task in queue {queue!r}; this process exits")
+                task.execute_remotely(queue_name=queue, exit_process=True)
+        else:
+            mutations = edited_overrides(task, constants)
+
+        def factory(**kwargs):
+            return ClearMLTracker(task, **kwargs)
+
+    if idist.get_world_size() > 1:
+        mutations = json.loads(idist.broadcast(json.dumps(mutations) if idist.get_rank() == 0 else "", src=0,
+                                               safe_mode=True))
+    return {"mutations": mutations or None, "tracker_factory": factory}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a training run reports.
+
+
+def class_names(n: int):
+    return list(VOC_CLASSES) if n == len(VOC_CLASSES) else [str(i) for i in range(n)]
+
+
+SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]
+
+
+class ClearMLTracker:
+    """Reports a training run to its task with Ignite's ClearML handlers; created by ``train()``."""
+
+    def __init__(self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger):
+        from clearml import OutputModel
+        from ignite.handlers.clearml_logger import ClearMLLogger
+
+        self.task, self.trainer, self.evaluators, self.best, self.log = task, trainer, evaluators, best, logger
+        self.output_dir = output_dir
+        self.clearml = ClearMLLogger()  # adopts the current task
+        every = Events.ITERATION_COMPLETED(every=int(config.get("log_every_iters", 10)))
+        self.clearml.attach_output_handler(trainer, every, tag="train",
+                                           output_transform=lambda o: {"batch_loss": float(o["batch_loss"])})
+        self.clearml.attach_opt_params_handler(trainer, every, optimizer, param_name="lr")
+        for tag, evaluator in evaluators.items():
+            self.clearml.attach_output_handler(evaluator, Events.COMPLETED, tag=tag, metric_names=SCALAR_METRICS,
+                                               global_step_transform=lambda *_: trainer.state.epoch)
+            evaluator.add_event_handler(Events.COMPLETED, self._report_class_iou, tag)
+        # After the best-model checkpointer (registered earlier on the same event), so its file exists.
+        evaluators["val"].add_event_handler(Events.COMPLETED, self._after_validation)
+        self.names = class_names(int(config.get("num_classes", len(VOC_CLASSES))))
+        self.model_entry = OutputModel(task=task, name=f"{task.name} best", framework="PyTorch",
+                                       label_enumeration={n: i for i, n in enumerate(self.names)})
+        self.registered = None
+
+    def _report_class_iou(self, evaluator, tag: str) -> None:
+        for name, value in zip(self.names, evaluator.state.metrics["IoU"].tolist()):
+            if value == value:  # NaN: the class is absent from both truth and prediction
+                self.clearml.report_scalar(f"{tag}/IoU", name, value, self.trainer.state.epoch)
+
+    def _after_validation(self, evaluator) -> None:
+        epoch = self.trainer.state.epoch
+        grid = getattr(evaluator.state, "grid", None)
+        if grid is not None:
+            self.clearml.report_image("val", "image | ground truth | prediction", iteration=epoch, image=grid)
+        latest = self.best.last_checkpoint
+        if latest and latest != self.registered:
+            self.registered = latest
+            self._register(self.output_dir / "best" / latest, epoch)
+
+    def _register(self, path: Path, epoch: int) -> None:
+        if self.task.is_offline():
+            # clearml 2.1.12's update_weights() fails offline before reaching its own offline branch
+            # (its placeholder model has no `locked`); call that branch directly.
+            self.model_entry._update_weights_offline(weights_filename=str(path), iteration=epoch)
+        else:
+            self.model_entry.update_weights(weights_filename=str(path), iteration=epoch, auto_delete_file=False)
+
+    def _report_confusion_matrix(self) -> None:
+        cm = self.evaluators["val"].state.metrics.get("cm")
+        if cm is None:
+            return
+        cm = cm.double()
+        normalised = (cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy()  # rows: ground truth, sum to 1
+        self.clearml.report_confusion_matrix(
+            "val confusion matrix", "normalised by ground truth", matrix=normalised, iteration=self.trainer.state.epoch,
+            xaxis="predicted", yaxis="ground truth", xlabels=self.names, ylabels=self.names, yaxis_reversed=True)
+
+    def close(self) -> None:
+        self._report_confusion_matrix()
+        self.clearml.flush()
+        if sys.exc_info()[1] is not None or self.trainer.state.nan_iteration is not None:
+            # Left open, ClearML's exit hook marks the task failed; closing it now would mark it completed.
+            if self.task.is_offline():
+                announce_offline_session(self.task.get_offline_mode_folder())
+            return
+        finish(self.task)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: weights_path may be a ClearML model id.
+
+
+def resolve_weights(weights_path) -> str:
+    """A local path unchanged; a ClearML model id (32 hex characters) -> the local copy of its weights."""
+    text = str(weights_path).strip()
+    if not _MODEL_ID.fullmatch(text) or Path(text).exists():
+        return weights_path
+    what = f"weights_path {text} (a ClearML model id)"
+    if not _credentials_configured():
+        raise UserError(f"{what}: no ClearML server configured to fetch it from: run clearml-init or set "
+                        f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY")
+    host = _api_host()
+    problem = probe_server(host)
+    if problem:
+        raise UserError(f"{what}: ClearML server {host} did not answer ({problem})")
+    try:
+        from clearml import InputModel
+
+        local = InputModel(model_id=text).get_weights()
+    except Exception as exc:
+        raise UserError(f"{what} could not be fetched: {one_line(exc)}") from None
+    if not local:
+        raise UserError(f"{what}: the model has no downloadable weights file")
+    return local

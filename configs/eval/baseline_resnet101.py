@@ -1,0 +1,21 @@
+# Score DeepLabV3-ResNet101 weights on VOC 2012 val at full resolution.
+import os
+
+import torch
+
+from vocseg.dataflow import get_val_loader
+from vocseg.datasets import voc_root_from_env
+from vocseg.models import deeplabv3
+
+seed = 12
+device = "cuda" if torch.cuda.is_available() else "cpu"
+amp = "auto"
+
+data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=8, val_pad_size=513)
+model = deeplabv3("resnet101", num_classes=21, aux_loss=True, pretrained_backbone=False)
+
+# A local .pt (best_model_*.pt or a training checkpoint) or a ClearML model id.
+weights_path = os.environ.get("WEIGHTS_PATH")
+tta_flip = False
+tta_scales = (1.0,)  # e.g. (0.75, 1.0, 1.25, 1.5) for multi-scale testing
+save_predictions = False  # colour PNGs in the VOC palette under <output>/predictions/

@@ -1,0 +1,226 @@
+"""End-to-end training on the synthetic dataset: outputs, metric correctness, exact resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from vocseg.datasets import VOCSegmentation
+from vocseg.engines import prepare_batch
+from vocseg.models import deeplabv3
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tests/configs/tiny.py"
+pytestmark = pytest.mark.slow
+
+
+def run_script(script, config, env, timeout=600, **popen):
+    cmd = [sys.executable, "-m", "py_config_runner", f"code/scripts/{script}.py", config]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def make_env(data, out, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TINY_", "CLEARML", "RESUME_FROM", "WEIGHTS"))}
+    env.update(DATASET_PATH=str(data), OUTPUT_PATH=str(out), OMP_NUM_THREADS="1", **{k: str(v) for k, v in extra.items()})
+    return env
+
+
+def only_run_dir(out, stem="tiny"):
+    runs = sorted((Path(out) / stem).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_voc, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    proc = run_script("training", TINY, make_env(synthetic_voc, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run_dir(out), proc
+
+
+def test_run_writes_every_output(trained):
+    run_dir, proc = trained
+    names = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert {"tiny.py", "training.py", "training.log", "metrics.json"} <= names
+    # 24 images / batch 4 = 6 iterations per epoch, 2 epochs, a checkpoint every 2 iterations, last 2 kept.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "training_checkpoint_10.pt", "training_checkpoint_12.pt"]
+    assert len(list((run_dir / "best").glob("best_model_*_val_mIoU=*.pt"))) == 2
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["completed"] and metrics["iteration"] == 12
+    assert 0.0 <= metrics["val"]["mIoU"] <= 1.0 and len(metrics["val"]["IoU"]) == 21
+    assert Path(metrics["best_model"]).is_file()
+    log = (run_dir / "training.log").read_text()
+    for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir)):
+        assert needle in log
+    checkpoint = torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)
+    assert set(checkpoint) == {"trainer", "model", "optimizer", "lr_scheduler", "scaler"}
+    assert checkpoint["trainer"]["iteration"] == 12
+
+
+def numpy_miou(model, voc_root, pad):
+    """Independent scoring: OpenCV reads, numpy padding and a bincount confusion matrix."""
+    dataset = VOCSegmentation(voc_root, "val")
+    cm = np.zeros((21, 21), dtype=np.int64)
+    model.eval()
+    for image_path, mask_path in zip(dataset.image_paths, dataset.mask_paths):
+        image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+        from PIL import Image
+
+        mask = np.array(Image.open(mask_path))
+        h, w = mask.shape
+        padded = np.zeros((pad, pad, 3), np.uint8)
+        padded[:h, :w] = image
+        x, _ = prepare_batch({"image": torch.from_numpy(padded).permute(2, 0, 1)[None],
+                              "mask": torch.zeros(1, pad, pad, dtype=torch.uint8)}, "cpu")
+        with torch.no_grad():
+            pred = model(x)["out"].argmax(1)[0, :h, :w].numpy()
+        keep = mask != 255
+        cm += np.bincount(mask[keep].astype(np.int64) * 21 + pred[keep], minlength=441).reshape(21, 21)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(iou)), float(inter.sum() / cm.sum())
+
+
+def test_metrics_match_independent_numpy(trained, synthetic_voc):
+    run_dir, _ = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=False)
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)["model"])
+    miou, pixel_accuracy = numpy_miou(model, synthetic_voc, pad=96)
+    assert metrics["val"]["mIoU"] == pytest.approx(miou, abs=1e-9)
+    assert metrics["val"]["pixel_accuracy"] == pytest.approx(pixel_accuracy, abs=1e-9)
+
+
+def test_evaluation_reproduces_training_val_miou(trained, synthetic_voc, tmp_path):
+    run_dir, _ = trained
+    config = tmp_path / "eval_tiny.py"
+    config.write_text(
+        "import os\nfrom vocseg.dataflow import get_val_loader\nfrom vocseg.datasets import voc_root_from_env\n"
+        "from vocseg.models import deeplabv3\nseed = 1\ndevice = 'cpu'\namp = 'off'\n"
+        "data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=0, val_pad_size=96)\n"
+        "model = deeplabv3('mobilenet_v3_large', aux_loss=False, pretrained_backbone=False)\n"
+        "weights_path = os.environ.get('WEIGHTS_PATH')\nsave_predictions = True\n")
+    weights = run_dir / "checkpoints" / "training_checkpoint_12.pt"
+    proc = run_script("evaluation", str(config), make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eval_dir = only_run_dir(tmp_path / "out", "eval_tiny")
+    result = json.loads((eval_dir / "metrics.json").read_text())
+    trained_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result["val"]["mIoU"] == pytest.approx(trained_metrics["val"]["mIoU"], abs=1e-9)
+    predictions = sorted((eval_dir / "predictions").glob("*.png"))
+    assert len(predictions) == 21
+    from PIL import Image
+
+    first = Image.open(predictions[0])
+    assert first.mode == "P" and first.size == (96, 96)
+
+
+def test_exact_resume_after_kill(synthetic_voc, tmp_path):
+    knobs = dict(TINY_EPOCHS=3, TINY_SAVE_EVERY=4, TINY_WORKERS=2)
+    full = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "full", **knobs))
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = torch.load(only_run_dir(tmp_path / "full") / "checkpoints" / "training_checkpoint_18.pt",
+                           weights_only=True)
+
+    env = make_env(synthetic_voc, tmp_path / "killed", **knobs)
+    cmd = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    first = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed").glob("tiny/*/checkpoints/training_checkpoint_*.pt"))
+        if found:
+            first = found[0]
+            break
+        time.sleep(0.02)
+    assert first is not None and proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Mid-epoch (iteration 4 of 6 per epoch) unless the kill landed later.
+    checkpoints = sorted(first.parent.glob("training_checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    resume_from = checkpoints[-1]
+    resumed = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "resumed", RESUME_FROM=resume_from,
+                                                    **knobs))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (only_run_dir(tmp_path / "resumed") / "training.log").read_text()
+    final = torch.load(only_run_dir(tmp_path / "resumed") / "checkpoints" / "training_checkpoint_18.pt",
+                       weights_only=True)
+    assert final["trainer"]["iteration"] == reference["trainer"]["iteration"] == 18
+    for key, value in reference["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+    for a, b in zip(reference["optimizer"]["state"].values(), final["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def last_line(proc):
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_config_syntax_error_names_file_and_line(synthetic_voc, tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("seed = 1\nmodel = (\n")
+    proc = run_script("training", str(bad), make_env(synthetic_voc, tmp_path))
+    assert proc.returncode != 0
+    assert str(bad) in last_line(proc) and "line 2" in last_line(proc)
+
+
+def test_missing_config_keys_are_listed(synthetic_voc, tmp_path):
+    bad = tmp_path / "partial.py"
+    bad.write_text("seed = 1\ndevice = 'cpu'\nnum_epochs = 1\n")
+    proc = run_script("training", str(bad), make_env(synthetic_voc, tmp_path))
+    assert proc.returncode != 0
+    line = last_line(proc)
+    assert str(bad) in line
+    for key in ("model", "optimizer", "criterion", "train_loader", "val_loader", "lr_scheduler"):
+        assert key in line
+
+
+def test_missing_resume_file(synthetic_voc, tmp_path):
+    proc = run_script("training", TINY, make_env(synthetic_voc, tmp_path, RESUME_FROM=tmp_path / "nope.pt"))
+    assert proc.returncode != 0
+    assert "nope.pt" in last_line(proc) and "RESUME_FROM" in last_line(proc)
+
+
+def test_checkpoint_of_another_model_names_keys(synthetic_voc, tmp_path, trained):
+    other = tmp_path / "other.pt"
+    run_dir, _ = trained
+    checkpoint = torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)
+    checkpoint["model"] = deeplabv3("resnet50", aux_loss=False, pretrained_backbone=False).state_dict()
+    torch.save(checkpoint, other)
+    before = other.read_bytes()
+    proc = run_script("training", TINY, make_env(synthetic_voc, tmp_path, RESUME_FROM=other))
+    assert proc.returncode != 0
+    assert "different model" in last_line(proc) and "backbone." in last_line(proc)
+    assert other.read_bytes() == before
+
+
+def test_missing_weights_for_evaluation(synthetic_voc, tmp_path):
+    proc = run_script("evaluation", "configs/eval/baseline_resnet101.py",
+                      make_env(synthetic_voc, tmp_path, WEIGHTS_PATH=tmp_path / "missing.pt"))
+    assert proc.returncode != 0
+    assert "missing.pt" in last_line(proc) and "WEIGHTS_PATH" in last_line(proc)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_voc, tmp_path):
+    proc = run_script("training", TINY, make_env(synthetic_voc, tmp_path, TINY_NAN_AFTER=5, TINY_SAVE_EVERY=2))
+    assert proc.returncode != 0
+    line = last_line(proc)
+    assert "NaN at iteration 6" in line and "training_checkpoint_4.pt" in line
+    run_dir = only_run_dir(tmp_path)
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert saved == ["training_checkpoint_2.pt", "training_checkpoint_4.pt"]
+    state = torch.load(run_dir / "checkpoints" / "training_checkpoint_4.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
