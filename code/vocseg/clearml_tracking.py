@@ -9,8 +9,8 @@ or with ``CLEARML_OFFLINE_MODE=1``, the run is tracked offline into a session zi
 
 A configured server that does not answer a short probe makes the run *fall back to offline* with a
 warning rather than fail: a training run is worth more than its live dashboard, and the offline session
-loses nothing (import it once the server is back). The exceptions are the cases that cannot work
-offline -- enqueueing with ``CLEARML_QUEUE`` and fetching a model by id -- which fail with a UserError.
+loses nothing (import it once the server is back). What cannot work offline -- enqueueing with
+``CLEARML_QUEUE``, importing a session, fetching a model by id -- fails with a one-line UserError instead.
 """
 
 import ast
@@ -20,6 +20,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -36,6 +37,7 @@ PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
 _MODEL_ID = re.compile(r"[0-9a-f]{32}")
 _IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
+_REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
 
 
 def say(message: str) -> None:
@@ -176,7 +178,7 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
         if problem is None:
             offline = False
         else:
-            reason = f"ClearML server {host} did not answer within {PROBE_TIMEOUT_S:.0f} s ({problem})"
+            reason = f"ClearML server {host} did not answer a {PROBE_TIMEOUT_S:.0f} s probe ({problem})"
     if offline and need_server:
         raise UserError(f"{need_server} needs a reachable ClearML server, but {reason}: configure one "
                         f"(see experiments/clearml/README.md)")
@@ -190,9 +192,14 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
 def _tune_sdk() -> None:
     from clearml.config import config, config_obj
 
-    # The default subprocess event reporter makes Task.close() wait 7-10 s for its polling loop; a
-    # reporter thread ends at once and costs nothing noticeable per reported value.
-    config_obj.set_overrides({"sdk": {"development": {"report_use_subprocess": False}}})
+    config_obj.set_overrides({"sdk": {"development": {
+        # The default subprocess event reporter makes Task.close() wait 7-10 s for its polling loop; a
+        # reporter thread ends at once and costs nothing noticeable per reported value.
+        "report_use_subprocess": False,
+        # Repository detection inside Task.init (well under a second here), so that the entry point set
+        # right after it is not overwritten by a background thread.
+        "vcs_repo_detect_async": False,
+    }}})
     config.clear_config_impl()
 
 
@@ -223,16 +230,18 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
 
     _tune_sdk()
     choose_offline(need_server)
-    # The agent clones the repository; vocseg lives under code/ and is installed from it.
-    Task.add_requirements("-e .")
-    task = Task.init(
-        project_name=PROJECT, task_name=Path(config_path).stem, task_type=task_type, reuse_last_task_id=False,
-        # Models are registered explicitly (best checkpoints only); scalars come from Ignite's handlers,
-        # not a second time from TensorBoard.
-        auto_connect_frameworks={"pytorch": False, "tensorboard": False, "tensorboardx": False},
-    )
+    try:
+        task = Task.init(
+            project_name=PROJECT, task_name=Path(config_path).stem, task_type=task_type, reuse_last_task_id=False,
+            # Models are registered explicitly (best checkpoints only); scalars come from Ignite's handlers,
+            # not a second time from TensorBoard.
+            auto_connect_frameworks={"pytorch": False, "tensorboard": False, "tensorboardx": False},
+        )
+    except Exception as exc:  # e.g. a server that answers but rejects the credentials
+        raise UserError(f"ClearML could not create the task: {one_line(exc)}: check the server and credentials "
+                        f"(or unset CLEARML_OUTPUT_PATH to train untracked)") from None
     if task.running_locally():
-        _fix_entry_point(task, config_path, script_path)
+        _record_how_to_rerun(task, config_path, script_path)
     task.connect_configuration(Path(config_path), name="config", description="the py_config_runner config file")
     task.upload_artifact("config", artifact_object=Path(config_path), wait_on_upload=False)
     if script_path:
@@ -240,11 +249,13 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
     return task
 
 
-def _fix_entry_point(task, config_path, script_path) -> None:
-    # ClearML detects the repository in a background thread and then writes the script section; it
-    # would record py_config_runner's __main__ (or our own module) as what to run. Wait for it, then set
-    # the real command line.
-    task._wait_for_repo_detection(timeout=60.0)
+def _record_how_to_rerun(task, config_path, script_path) -> None:
+    # What make install installs: the pinned requirements and vocseg itself from the agent's clone
+    # (ClearML's import scan sees only the module that called Task.init and finds clearml alone).
+    if _REQUIREMENTS.is_file():
+        task.set_packages([*_REQUIREMENTS.read_text().splitlines(), "-e ."])
+    # ClearML derives the entry point from the file that called Task.init (or py_config_runner's
+    # __main__ in site-packages); record the command line that was really run.
     task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}",
                     **_entry_point(config_path, script_path))
 
@@ -267,26 +278,35 @@ def announce_offline_session(folder) -> None:
 def prepare(config_path, script_path) -> dict:
     """``train()`` keyword arguments for a tracked run: config mutations (a clone's edited hyperparameters)
     and, on rank 0, the tracker factory. Enqueues the run instead when a queue is requested."""
-    mutations, factory = {}, None
+    queue = None if running_under_agent() else os.environ.get("CLEARML_QUEUE") or peek_constant(config_path,
+                                                                                                "clearml_queue")
+    if queue and idist.get_world_size() > 1:
+        raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
+                        "(python -m py_config_runner ...), not with torchrun")
+    mutations, factory, error = {}, None, None
     if idist.get_rank() == 0:
-        queue = os.environ.get("CLEARML_QUEUE") or peek_constant(config_path, "clearml_queue")
-        task = init_task(config_path, "training", script_path,
-                         need_server=f"CLEARML_QUEUE={queue}" if queue and not running_under_agent() else None)
-        constants = config_constants(config_path)
-        if task.running_locally():
-            task.connect(dict(constants), name=SECTION)
-            if queue:
-                say(f"enqueueing the task in queue {queue!r}; this process exits")
-                task.execute_remotely(queue_name=queue, exit_process=True)
-        else:
-            mutations = edited_overrides(task, constants)
+        try:
+            task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}")
+            constants = config_constants(config_path)
+            if task.running_locally():
+                task.connect(dict(constants), name=SECTION)
+                if queue:
+                    say(f"enqueueing the task in queue {queue!r}; this process exits")
+                    task.execute_remotely(queue_name=queue, exit_process=True)
+            else:
+                mutations = edited_overrides(task, constants)
+        except UserError as exc:
+            error = str(exc)
 
         def factory(**kwargs):
             return ClearMLTracker(task, **kwargs)
 
     if idist.get_world_size() > 1:
-        mutations = json.loads(idist.broadcast(json.dumps(mutations) if idist.get_rank() == 0 else "", src=0,
-                                               safe_mode=True))
+        # The other ranks must build the same config, and must not wait forever when rank 0 gave up.
+        error, mutations = json.loads(idist.broadcast(json.dumps([error, mutations]) if idist.get_rank() == 0
+                                                      else "", src=0, safe_mode=True))
+    if error:
+        raise UserError(error)
     return {"mutations": mutations or None, "tracker_factory": factory}
 
 
@@ -308,9 +328,12 @@ class ClearMLTracker:
         from clearml import OutputModel
         from ignite.handlers.clearml_logger import ClearMLLogger
 
-        self.task, self.trainer, self.evaluators, self.best, self.log = task, trainer, evaluators, best, logger
+        self.task, self.trainer, self.evaluators, self.best = task, trainer, evaluators, best
         self.output_dir = output_dir
-        self.clearml = ClearMLLogger()  # adopts the current task
+        with warnings.catch_warnings():
+            # Ignite's word for offline mode, which choose_offline() has already announced.
+            warnings.filterwarnings("ignore", message=".*running in bypass mode")
+            self.clearml = ClearMLLogger()  # adopts the current task
         every = Events.ITERATION_COMPLETED(every=int(config.get("log_every_iters", 10)))
         self.clearml.attach_output_handler(trainer, every, tag="train",
                                            output_transform=lambda o: {"batch_loss": float(o["batch_loss"])})
@@ -336,18 +359,21 @@ class ClearMLTracker:
         grid = getattr(evaluator.state, "grid", None)
         if grid is not None:
             self.clearml.report_image("val", "image | ground truth | prediction", iteration=epoch, image=grid)
-        latest = self.best.last_checkpoint
-        if latest and latest != self.registered:
-            self.registered = latest
-            self._register(self.output_dir / "best" / latest, epoch)
+        if not self.task.is_offline():
+            self._register_best()  # uploads (to output_uri, if any) in the background while training goes on
 
-    def _register(self, path: Path, epoch: int) -> None:
+    def _register_best(self) -> None:
+        latest = self.best.last_checkpoint
+        if not latest or latest == self.registered:
+            return
+        self.registered = latest
+        path, epoch = str(self.output_dir / "best" / latest), self.trainer.state.epoch
         if self.task.is_offline():
             # clearml 2.1.12's update_weights() fails offline before reaching its own offline branch
             # (its placeholder model has no `locked`); call that branch directly.
-            self.model_entry._update_weights_offline(weights_filename=str(path), iteration=epoch)
+            self.model_entry._update_weights_offline(weights_filename=path, iteration=epoch)
         else:
-            self.model_entry.update_weights(weights_filename=str(path), iteration=epoch, auto_delete_file=False)
+            self.model_entry.update_weights(weights_filename=path, iteration=epoch, auto_delete_file=False)
 
     def _report_confusion_matrix(self) -> None:
         cm = self.evaluators["val"].state.metrics.get("cm")
@@ -360,6 +386,10 @@ class ClearMLTracker:
             xaxis="predicted", yaxis="ground truth", xlabels=self.names, ylabels=self.names, yaxis_reversed=True)
 
     def close(self) -> None:
+        if self.task.is_offline():
+            # Offline, each registration copies the weights into the session, which is zipped at the end:
+            # one copy, of the final best model, keeps the exit short.
+            self._register_best()
         self._report_confusion_matrix()
         self.clearml.flush()
         if sys.exc_info()[1] is not None or self.trainer.state.nan_iteration is not None:

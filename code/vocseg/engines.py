@@ -4,6 +4,7 @@ import math
 from contextlib import nullcontext
 from typing import Sequence
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -77,6 +78,10 @@ def create_trainer(model, optimizer, criterion, lr_scheduler, train_sampler, *, 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _stop_on_nan(engine: Engine) -> None:
         loss = engine.state.output["batch_loss"]
+        if idist.get_world_size() > 1:
+            # One rank's NaN reaches every rank's weights through the gradient all-reduce: all ranks must
+            # stop at that step, or rank 0 would go on to checkpoint the ruined weights.
+            loss = idist.all_reduce(loss.clone())
         if not math.isfinite(float(loss)):
             engine.state.nan_iteration = engine.state.iteration
             engine.terminate()
@@ -118,6 +123,16 @@ def create_evaluator(model, *, device, amp: str = "auto", flip: bool = False, sc
         return {"y_pred": scores, "y": masks}
 
     evaluator = Engine(step)
+
+    @evaluator.on(Events.STARTED)
+    def _rank0_buffers(_):
+        # Without SyncBatchNorm every DDP rank updates the BatchNorm running statistics from its own batches
+        # (DDP re-broadcasts rank 0's only at the next training forward). Scoring shards with them would
+        # measure a model that no checkpoint holds: evaluate rank 0's, which are the ones saved.
+        if idist.get_world_size() > 1:
+            for buffer in net.buffers():
+                buffer.copy_(idist.broadcast(buffer, src=0))
+
     for name, metric in segmentation_metrics(num_classes, lambda o: (o["y_pred"], o["y"])).items():
         metric.attach(evaluator, name)
     return evaluator

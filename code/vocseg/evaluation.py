@@ -13,7 +13,7 @@ from vocseg.config import check_inference, load_config, peek_constant
 from vocseg.engines import create_evaluator
 from vocseg.errors import UserError
 from vocseg.metrics import scalar_metrics
-from vocseg.training import distributed_backend, seed_everything, setup_logging
+from vocseg.training import parallel_context, seed_everything, setup_logging
 from vocseg.voc import VOC_CLASSES, save_palette_png
 
 log = logging.getLogger("vocseg")
@@ -78,7 +78,7 @@ def run(config, **kwargs) -> None:
 
     config_path = Path(config.__dict__["__internal_config_object_data_dict__"]["config_filepath"])
     try:
-        with idist.Parallel(backend=distributed_backend()) as parallel:
+        with parallel_context(config_path) as parallel:
             parallel.run(lambda local_rank: evaluate(config_path, **kwargs))
     except UserError as exc:
         exit_with(exc)

@@ -34,7 +34,7 @@ def segmentation_metrics(num_classes: int = NUM_CLASSES, output_transform=lambda
     return {
         "mIoU": MetricsLambda(_nanmean, iou),
         "mIoU_no_bg": MetricsLambda(lambda v: _nanmean(v[1:]), iou),
-        "pixel_accuracy": MetricsLambda(lambda m: float((m.diag().sum() / m.sum().clamp(min=1)).item()), cm),
+        "pixel_accuracy": MetricsLambda(lambda m: float(m.diag().sum().item() / max(m.sum().item(), 1)), cm),
         "mean_class_accuracy": MetricsLambda(lambda m: _nanmean(_class_accuracy(m)), cm),
         "IoU": iou,
         "cm": cm,

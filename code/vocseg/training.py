@@ -1,9 +1,12 @@
 """The training run behind ``code/scripts/training.py``: config -> dataflow -> model -> engines -> tracking."""
 
+import contextlib
+import datetime
 import logging
 import os
 import platform
 import random
+import sys
 from pathlib import Path
 
 import ignite
@@ -32,6 +35,42 @@ def distributed_backend():
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def process_group_timeout(config_path, backend):
+    """How long a rank waits in a collective for the others: DIST_TIMEOUT (seconds, env) or ``dist_timeout``
+    in the config; by default 120 s with gloo and torch's own default (10 min) with nccl.
+
+    A dead peer is noticed at once (its sockets close, and torchrun stops the job); this bounds the wait for
+    a peer that is alive but stuck. Raise it where one rank legitimately runs far ahead of the others.
+    """
+    seconds = os.environ.get("DIST_TIMEOUT") or peek_constant(config_path, "dist_timeout")
+    if seconds is None:
+        return datetime.timedelta(seconds=120) if backend == "gloo" else None
+    try:
+        return datetime.timedelta(seconds=float(seconds))
+    except (TypeError, ValueError):
+        raise UserError(f"process-group timeout {seconds!r} is not a number of seconds: fix DIST_TIMEOUT or "
+                        f"dist_timeout in {config_path}") from None
+
+
+@contextlib.contextmanager
+def parallel_context(config_path):
+    """idist.Parallel for however this process was launched, with the process-group timeout applied."""
+    backend = distributed_backend()
+    if backend is None:
+        with idist.Parallel() as parallel:
+            yield parallel
+        return
+    # ignite 0.5.5 hands Parallel(timeout=...) to init_process_group only when it spawns the processes
+    # itself, never under torchrun: initialise here, and Parallel() runs the function in this group.
+    timeout = process_group_timeout(config_path, backend)
+    idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
+    try:
+        with idist.Parallel() as parallel:
+            yield parallel
+    finally:
+        idist.finalize()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -45,7 +84,18 @@ def setup_logging(output_dir):
     logger = setup_logger("vocseg", filepath=output_dir / "training.log" if rank == 0 else None,
                           distributed_rank=rank, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                           reset=True)  # vocseg.* module loggers propagate here
+    if rank > 0:
+        # The other ranks print only warnings and the lines logged with extra=ALL_RANKS (e.g. their metrics):
+        # enough to see which rank failed or disagrees, without a copy of every message per process.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(name)s [rank {rank}] %(levelname)s: %(message)s"))
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(record, "all_ranks", False))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     return logger
+
+
+ALL_RANKS = {"all_ranks": True}
 
 
 def _capture_grid(evaluator: Engine) -> None:
@@ -76,7 +126,13 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
         raise UserError(f"config {config_path}: save_every_iters={save_every_iters} must be a multiple of "
                         f"accumulation_steps={accumulation_steps} so checkpoints never split an accumulated step")
 
-    model = idist.auto_model(config.model, sync_bn=bool(config.get("sync_bn", False)))
+    sync_bn = bool(config.get("sync_bn", False))
+    if sync_bn and device.type == "cpu" and idist.get_world_size() > 1:
+        # torch's SyncBatchNorm raises on CPU tensors at the first training step.
+        logger.warning("sync_bn=True ignored: SyncBatchNorm needs GPUs; each CPU process keeps its own BatchNorm "
+                       "statistics (rank 0's are the ones evaluated and saved)")
+        sync_bn = False
+    model = idist.auto_model(config.model, sync_bn=sync_bn)
     if device.type == "cpu" and idist.get_world_size() == 1:
         model = model.to(device)
     optimizer, lr_scheduler, criterion = config.optimizer, config.lr_scheduler, config.criterion.to(device)
@@ -144,10 +200,24 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
             results[tag]["IoU"] = [float(v) for v in ev.state.metrics["IoU"]]
             logger.info("epoch %d %s: %s", epoch, tag,
                         " ".join(f"{k}={v:.4f}" for k, v in results[tag].items() if k != "IoU"))
+        if idist.get_world_size() > 1:
+            # Exact values from every rank: they must agree, as the confusion matrices are summed over ranks.
+            logger.info("epoch %d rank %d/%d: %s", epoch, rank, idist.get_world_size(),
+                        " ".join(f"{tag}_mIoU={m['mIoU']!r}" for tag, m in results.items()), extra=ALL_RANKS)
         write_metrics()
 
     if rank == 0:
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": float(o["batch_loss"])})
+        if sys.stderr.isatty():
+            ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": float(o["batch_loss"])})
+        else:  # logs and CI get plain lines instead of carriage-return redraws
+            log_every = int(config.get("log_every_iters", 10))
+
+            @trainer.on(Events.ITERATION_COMPLETED(every=log_every))
+            def _log_loss(engine):
+                logger.info("epoch %d iteration %d loss %.4f lr %s", engine.state.epoch, engine.state.iteration,
+                            float(engine.state.output["batch_loss"]),
+                            " ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups))
+
         tracking.copy_sources(output_dir, config_path, script_path)
         tb = tracking.setup_tensorboard(output_dir, trainer, optimizer, {"train_eval": train_evaluator,
                                                                            "val": evaluator},
@@ -195,7 +265,7 @@ def run(config, **kwargs) -> None:
         train(config_path, script_path, **{**kwargs, **tracked})
 
     try:
-        with idist.Parallel(backend=distributed_backend()) as parallel:
+        with parallel_context(config_path) as parallel:
             parallel.run(one_rank)
     except UserError as exc:
         exit_with(exc)

@@ -35,7 +35,10 @@ class NaNAfter(torch.nn.Module):
         return value * float("nan") if self.after and self.calls > self.after else value
 
 
-criterion = NaNAfter(DeepLabLoss(), int(os.environ.get("TINY_NAN_AFTER", 0)))
+nan_after = int(os.environ.get("TINY_NAN_AFTER", 0))
+if os.environ.get("TINY_NAN_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
+    nan_after = 0  # TINY_NAN_RANK confines the NaN to one process of a distributed run
+criterion = NaNAfter(DeepLabLoss(), nan_after)
 num_epochs = int(os.environ.get("TINY_EPOCHS", 2))
 accumulation_steps = int(os.environ.get("TINY_ACCUMULATION", 1))
 optimizer = sgd(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -44,4 +47,5 @@ val_interval = 1
 save_every_iters = int(os.environ.get("TINY_SAVE_EVERY", 2))
 log_every_iters = 2
 es_patience = None
+sync_bn = bool(int(os.environ.get("TINY_SYNC_BN", 0)))
 resume_from = os.environ.get("RESUME_FROM")
