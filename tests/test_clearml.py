@@ -113,6 +113,27 @@ def test_offline_run_says_offline_once_and_how_to_import(offline_run):
     assert Path(archive).is_file() and f"import_offline_session.py {archive}" in err
 
 
+@pytest.mark.slow
+def test_evaluation_is_tracked_as_a_testing_task(offline_run, synthetic_voc, tmp_path):
+    best = sorted((offline_run["session"].parents[4] / "out").glob("tiny_clearml/*/best/best_model_*.pt"))
+    assert best, "the training run saved no best model"
+    env = clearml_env(tmp_path, DATASET_PATH=str(synthetic_voc), WEIGHTS_PATH=str(best[-1]), TINY_VAL_LIMIT="4",
+                      TINY_TTA="1")
+    proc = subprocess.run([sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py",
+                           "tests/configs/tiny_eval.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (session,) = sessions(tmp_path / "home")
+    task = json.loads((session / "task.json").read_text())
+    assert (task["name"], task["type"]) == ("tiny_eval", "testing")
+    metrics = json.loads(next((tmp_path / "out" / "tiny_eval").glob("*/metrics.json")).read_text())
+    assert metrics["tta"] == {"flip": True, "scales": [0.75, 1.0]}
+    singles = {e["variant"]: e["value"] for e in events(session) if e["type"] == "training_stats_scalar"
+               and e["metric"] == "Summary"}
+    assert singles["val/mIoU"] == pytest.approx(metrics["val"]["mIoU"])
+    assert any(e["type"] == "plot" and e["metric"] == "val confusion matrix" for e in events(session))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Servers that are not there, or do not answer.
 

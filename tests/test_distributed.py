@@ -116,17 +116,11 @@ def test_every_rank_reports_the_single_process_metrics(two_processes, synthetic_
     assert per_rank[2, 0] == final
 
     # The sharded validation must score the saved model on every image exactly once.
-    config = tmp_path / "eval_tiny.py"
-    config.write_text(
-        "import os\nfrom vocseg.dataflow import get_val_loader\nfrom vocseg.datasets import voc_root_from_env\n"
-        "from vocseg.models import deeplabv3\nseed = 1\ndevice = 'cpu'\namp = 'off'\n"
-        "data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=0, val_pad_size=96)\n"
-        "model = deeplabv3('mobilenet_v3_large', aux_loss=False, pretrained_backbone=False)\n"
-        "weights_path = os.environ.get('WEIGHTS_PATH')\n")
     weights = run_dir / "checkpoints" / "training_checkpoint_12.pt"
-    proc = run_script("evaluation", str(config), make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
+    proc = run_script("evaluation", "tests/configs/tiny_eval.py",
+                      make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((only_run_dir(tmp_path / "out", "eval_tiny") / "metrics.json").read_text())
+    result = json.loads((only_run_dir(tmp_path / "out", "tiny_eval") / "metrics.json").read_text())
     assert result["val"]["mIoU"] == pytest.approx(final, abs=1e-9)
 
 

@@ -105,17 +105,11 @@ def test_metrics_match_independent_numpy(trained, synthetic_voc):
 
 def test_evaluation_reproduces_training_val_miou(trained, synthetic_voc, tmp_path):
     run_dir, _ = trained
-    config = tmp_path / "eval_tiny.py"
-    config.write_text(
-        "import os\nfrom vocseg.dataflow import get_val_loader\nfrom vocseg.datasets import voc_root_from_env\n"
-        "from vocseg.models import deeplabv3\nseed = 1\ndevice = 'cpu'\namp = 'off'\n"
-        "data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=0, val_pad_size=96)\n"
-        "model = deeplabv3('mobilenet_v3_large', aux_loss=False, pretrained_backbone=False)\n"
-        "weights_path = os.environ.get('WEIGHTS_PATH')\nsave_predictions = True\n")
     weights = run_dir / "checkpoints" / "training_checkpoint_12.pt"
-    proc = run_script("evaluation", str(config), make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
+    proc = run_script("evaluation", "tests/configs/tiny_eval.py",
+                      make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    eval_dir = only_run_dir(tmp_path / "out", "eval_tiny")
+    eval_dir = only_run_dir(tmp_path / "out", "tiny_eval")
     result = json.loads((eval_dir / "metrics.json").read_text())
     trained_metrics = json.loads((run_dir / "metrics.json").read_text())
     assert result["val"]["mIoU"] == pytest.approx(trained_metrics["val"]["mIoU"], abs=1e-9)

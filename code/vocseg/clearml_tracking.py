@@ -426,3 +426,36 @@ def resolve_weights(weights_path) -> str:
     if not local:
         raise UserError(f"{what}: the model has no downloadable weights file")
     return local
+
+
+class EvaluationReport:
+    """The ``tracker_factory`` of evaluation runs: a *testing* task holding the scores and the matrix."""
+
+    def __init__(self, task, *, config, output_dir, result, evaluator):
+        self.task, self.result, self.evaluator = task, result, evaluator
+        task.connect({k: v for k, v in config_constants(config["config_filepath"]).items()}, name=SECTION)
+
+    def close(self) -> None:
+        report = self.task.get_logger()
+        for name, value in self.result["val"].items():
+            if isinstance(value, float):
+                report.report_single_value(f"val/{name}", value)
+        for name, value in self.result["val"]["IoU"].items():
+            report.report_single_value(f"val/IoU/{name}", value)
+        cm = self.evaluator.state.metrics["cm"].double()
+        names = class_names(cm.shape[0])
+        report.report_confusion_matrix(
+            "val confusion matrix", "normalised by ground truth", iteration=0,
+            matrix=(cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy(), xaxis="predicted", yaxis="ground truth",
+            xlabels=names, ylabels=names, yaxis_reversed=True)
+        self.task.upload_artifact("metrics", artifact_object=self.result, wait_on_upload=True)
+        report.flush()
+        finish(self.task)
+
+
+def evaluation_tracker(config_path, script_path):
+    """Rank 0's tracker factory for an evaluation run, or None on the other ranks."""
+    if idist.get_rank() != 0:
+        return None
+    task = init_task(config_path, "testing", script_path)
+    return lambda **kwargs: EvaluationReport(task, **kwargs)

@@ -76,9 +76,17 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
 def run(config, **kwargs) -> None:
     from vocseg.errors import exit_with
 
-    config_path = Path(config.__dict__["__internal_config_object_data_dict__"]["config_filepath"])
+    given = config.__dict__["__internal_config_object_data_dict__"]  # the paths, without loading the config
+    config_path, script_path = Path(given["config_filepath"]), given.get("script_filepath")
+
+    def one_rank(local_rank):
+        from vocseg import clearml_tracking
+
+        factory = clearml_tracking.evaluation_tracker(config_path, script_path) if clearml_tracking.enabled() else None
+        evaluate(config_path, tracker_factory=factory, **kwargs)
+
     try:
         with parallel_context(config_path) as parallel:
-            parallel.run(lambda local_rank: evaluate(config_path, **kwargs))
+            parallel.run(one_rank)
     except UserError as exc:
         exit_with(exc)

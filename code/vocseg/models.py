@@ -9,16 +9,31 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights, ResNet101_Weights, resnet18
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models import segmentation as seg
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 
 from vocseg.errors import UserError
 from vocseg.voc import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
+def _deeplabv3_resnet18(*, weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False):
+    """A CPU-sized DeepLabV3: ResNet-18 read at layer3 (output stride 16) under torchvision's DeepLab head.
+
+    torchvision's BasicBlock cannot dilate, so instead of a stride-32 layer4 the head reads layer3, which
+    keeps the map fine enough for segmentation at a fraction of ResNet-50's cost.
+    """
+    if aux_loss:
+        raise UserError("the resnet18 backbone has no auxiliary head: set aux_loss=False")
+    backbone = IntermediateLayerGetter(resnet18(weights=weights_backbone), {"layer3": "out"})
+    return DeepLabV3(backbone, DeepLabHead(256, num_classes), None)
+
+
 _BUILDERS = {
     "resnet101": (seg.deeplabv3_resnet101, ResNet101_Weights.IMAGENET1K_V1),
+    "resnet18": (_deeplabv3_resnet18, ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (seg.deeplabv3_resnet50, ResNet50_Weights.IMAGENET1K_V1),
     "mobilenet_v3_large": (seg.deeplabv3_mobilenet_v3_large, MobileNet_V3_Large_Weights.IMAGENET1K_V1),
 }

@@ -1,6 +1,7 @@
 """The training run behind ``code/scripts/training.py``: config -> dataflow -> model -> engines -> tracking."""
 
 import contextlib
+import ctypes
 import datetime
 import logging
 import os
@@ -71,6 +72,21 @@ def parallel_context(config_path):
         idist.finalize()
 
 
+def keep_freed_memory() -> None:
+    """CPU training: let glibc keep freed autograd buffers for the next step instead of handing them back.
+
+    By default it unmaps or trims those large blocks after every step and the next step page-faults them
+    in again: 10-20k faults, 5-10% of a CPU step (benchmarks/trainer_overhead.py); PyTorch's CUDA allocator
+    caches for the same reason. Memory stays at its peak, which the next step needs anyway. No-op without glibc.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is not None:
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum: blocks below it come from the reusable heap
+        mallopt(m_trim_threshold, 2**31 - 1)
+        mallopt(m_top_pad, 64 << 20)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,6 +134,8 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"config {config_path}: device='cuda' but no GPU is visible: set device='cpu'")
+    if device.type == "cpu":
+        keep_freed_memory()
 
     train_loader, val_loader, train_eval_loader = config.train_loader, config.val_loader, config.train_eval_loader
     accumulation_steps = int(config.get("accumulation_steps", 1))
@@ -174,6 +192,20 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     timer = Timer(average=True)
     timer.attach(trainer, start=Events.EPOCH_STARTED, resume=Events.ITERATION_STARTED,
                  pause=Events.ITERATION_COMPLETED, step=Events.ITERATION_COMPLETED)
+
+    # When training really starts and stops, in the log (benchmarks/startup_exit.py measures from them).
+    first_logged = []
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _log_first_iteration(engine):
+        if not first_logged:
+            first_logged.append(True)
+            logger.info("first iteration %d started", engine.state.iteration)
+
+    @trainer.on(Events.ITERATION_COMPLETED(
+        event_filter=lambda engine, i: i == engine.state.max_epochs * engine.state.epoch_length))
+    def _log_last_iteration(engine):
+        logger.info("last iteration %d completed", engine.state.iteration)
 
     num_epochs = int(config.num_epochs)
     val_interval = int(config.get("val_interval", 1))
