@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, help="DataLoader workers (default: the config's num_workers)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the config's batch_size)")
     p.add_argument("--crop-size", type=int, help="crop (default: the config's crop_size)")
-    p.add_argument("--images", type=int, default=360, help="training images per epoch")
+    p.add_argument("--images", type=int, default=540, help="training images per epoch")
     p.add_argument("--rounds", type=int, default=3, help="timed epochs per variant, interleaved")
     p.add_argument("--data", help="existing folder with VOCdevkit/ (default: generate one in a temp dir)")
     args = p.parse_args(argv)
@@ -109,6 +109,7 @@ class TorchvisionV2:
         return len(self.images)
 
     def __getitem__(self, index):
+        import torch
         from torchvision import tv_tensors
         from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
 
@@ -117,7 +118,7 @@ class TorchvisionV2:
         image = tv_tensors.Image(decode_jpeg(read_file(self.images[index]), mode=ImageReadMode.RGB))
         mask = tv_tensors.Mask(decode_png(read_file(self.masks[index]))[0])  # palette indices, HW
         image, mask = self.transform(image, mask)
-        return {"image": image.as_subclass(type(image).__base__), "mask": mask.as_subclass(type(mask).__base__)}
+        return {"image": image.as_subclass(torch.Tensor), "mask": mask.as_subclass(torch.Tensor)}
 
 
 # ------------------------------------------------------------------------------------------------------------

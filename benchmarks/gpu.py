@@ -1,0 +1,182 @@
+"""DeepLabV3-ResNet101 training throughput on one GPU: fp32, AMP, channels_last, torch.compile, MFU.
+
+    python benchmarks/gpu.py                 # crop 480, batch 8 per GPU: every variant, each in its own process
+    python benchmarks/gpu.py --variants bf16_amp fp32
+    python benchmarks/gpu.py --tiny          # without CUDA: a CPU smoke test of the measuring code
+
+One training step = forward with the aux head + DeepLabLoss + backward + SGD step, on random uint8 batches
+normalised on the device like ``prepare_batch`` (data loading is benchmarks/dataflow.py's subject).
+Variants:
+  fp32                  float32 (cuDNN may use TF32 for convolutions: torch's default)
+  fp16_amp              autocast float16 + GradScaler
+  bf16_amp              autocast bfloat16
+  bf16_channels_last    bf16_amp with the model and the batches in channels_last
+  bf16_compile          bf16_channels_last + torch.compile(model)
+FLOPs of one step are counted once with torch.utils.flop_counter.FlopCounterMode; MFU = achieved FLOP/s /
+the GPU's dense bf16 tensor-core peak (table below, or --peak-tflops), for every variant alike.
+
+Without CUDA it prints one JSON line with "measured": false and the command to run on a GPU machine.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import _common as C
+
+VARIANTS = ["fp32", "fp16_amp", "bf16_amp", "bf16_channels_last", "bf16_compile"]
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
+COMMAND = "python benchmarks/gpu.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small model, few steps (on CPU without CUDA)")
+    p.add_argument("--model", default="resnet101", choices=["resnet101", "resnet50", "mobilenet_v3_large"])
+    p.add_argument("--crop-size", type=int, default=480)
+    p.add_argument("--batch-size", type=int, default=8, help="per GPU")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (torch.compile compiles here)")
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # worker: measure one variant in this process
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.model, args.crop_size, args.batch_size, args.steps, args.warmup = "mobilenet_v3_large", 64, 2, 2, 1
+    return args
+
+
+def build(args, device, variant):
+    import torch
+
+    from vocseg.losses import DeepLabLoss
+    from vocseg.models import deeplabv3
+
+    torch.manual_seed(0)
+    model = deeplabv3(args.model, num_classes=21, aux_loss=True, pretrained_backbone=False).to(device)
+    channels_last = variant in ("bf16_channels_last", "bf16_compile")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    dtype = {"fp16_amp": torch.float16, "fp32": None}.get(variant, torch.bfloat16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    net = torch.compile(model) if variant == "bf16_compile" else model
+    criterion = DeepLabLoss(aux_weight=0.4)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.crop_size, args.crop_size), generator=g,
+                           dtype=torch.uint8).to(device)
+    masks = torch.randint(0, 21, (args.batch_size, args.crop_size, args.crop_size), generator=g).to(device)
+    mean = torch.tensor([123.7, 116.3, 103.5], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([58.4, 57.1, 57.4], device=device).view(1, 3, 1, 1)
+
+    def step():
+        x = (images.float() - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = criterion(net(x), masks)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def count_flops(args, device) -> float:
+    """FLOPs of one fp32 training step (forward + backward) of the whole batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = build(args, device, "fp32")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return float(counter.get_total_flops())
+
+
+def measure(args, variant) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    step = build(args, device, variant)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise SystemExit(f"{variant}: loss is not finite")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"images_per_s": args.steps * args.batch_size / seconds, "step_s": seconds / args.steps,
+            "peak_memory_gib": peak}
+
+
+def peak_tflops(name: str, override):
+    if override:
+        return override
+    for key, value in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return value
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.variant:  # worker
+        print(json.dumps(measure(args, args.variant)), flush=True)
+        return
+    started, load_before = time.time(), C.load()
+    import torch
+
+    if not torch.cuda.is_available():
+        smoke = None
+        if args.tiny:  # keeps the measuring code from rotting on CPU-only machines
+            args.device, args.steps, args.warmup = "cpu", 1, 1
+            torch.set_num_threads(1)
+            smoke = {"model": args.model, "crop_size": args.crop_size, "batch_size": args.batch_size,
+                     "flops_per_step": count_flops(args, torch.device("cpu")), **measure(args, "fp32")}
+        C.emit("gpu", {"measured": False, "reason": "no CUDA device on this machine", "command": COMMAND,
+                       "cpu_smoke_test": smoke}, load_before, started)
+        return
+
+    name = torch.cuda.get_device_name(0)
+    flops = count_flops(args, torch.device("cuda"))
+    peak = peak_tflops(name, args.peak_tflops)
+    results = {}
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--variant", variant]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            results[variant] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        else:
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            achieved = flops / r["step_s"] / 1e12
+            r.update(achieved_tflops=achieved, mfu=achieved / peak if peak else None)
+            results[variant] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+        C.note(f"{variant}: {results[variant]}")
+    C.emit("gpu", {
+        "measured": True, "gpu": name, "peak_bf16_tflops": peak, "flops_per_step": flops,
+        "flops_per_image": flops / args.batch_size, "variants": results,
+        "settings": {"model": args.model, "crop_size": args.crop_size, "batch_size": args.batch_size,
+                     "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32},
+    }, load_before, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Every benchmark runs in --tiny mode and ends with one parseable JSON line, so none of them can rot.
+
+They measure nothing meaningful at this size; benchmarks/README.md has the real figures.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = {"benchmark", "load_before", "load_after", "machine", "wall_s"}
+
+
+def run(script, *args, timeout=300):
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    return [json.loads(line) for line in lines], proc
+
+
+def check(result, name, keys):
+    assert result["benchmark"] == name
+    assert COMMON | set(keys) <= set(result), sorted(set(keys) - set(result))
+    assert result["machine"]["nproc"] >= 1 and len(result["load_before"]) == 3
+
+
+def test_gpu_says_not_measured_without_cuda():
+    (result,), _ = run("gpu.py", "--tiny")
+    check(result, "gpu", ["measured"])
+    if not result["measured"]:
+        assert result["command"] == "python benchmarks/gpu.py"
+        smoke = result["cpu_smoke_test"]
+        assert smoke["flops_per_step"] > 0 and smoke["images_per_s"] > 0
+    else:
+        assert {"fp32", "bf16_amp"} <= set(result["variants"])
+
+
+def test_run_all_with_dataflow():  # ~5 s
+    results, _ = run("run_all.py", "--tiny", "--only", "dataflow.py")
+    dataflow, summary = results
+    check(dataflow, "dataflow", ["images_per_s", "ours_vs_torchvision_v2", "ours_vs_decode_only", "targets"])
+    assert set(dataflow["images_per_s"]) == {"ours", "torchvision_v2", "decode_only"}
+    assert all(v > 0 for v in dataflow["images_per_s"].values())
+    # Our loader really delivers the training crops: uint8 CHW images and HW masks.
+    assert dataflow["batch_shapes"]["ours"]["image"] == [[4, 3, 480, 480], "uint8"]
+    assert dataflow["batch_shapes"]["torchvision_v2"]["image"] == [[4, 3, 480, 480], "float32"]
+    assert summary["failed"] == []
+
+
+@pytest.mark.slow
+def test_trainer_overhead():
+    (result,), _ = run("trainer_overhead.py", "--tiny")
+    check(result, "trainer_overhead", ["iteration_s", "ratio_per_iteration", "ratio_per_epoch_with_validation",
+                                       "ratio_per_iteration_cpu", "targets"])
+    assert result["runs"]["ours"][0]["clearml"] is True
+    assert result["ratio_per_iteration"] > 0 and result["iteration_s"]["plain"] > 0
+
+
+@pytest.mark.slow
+def test_startup_exit():
+    (result,), _ = run("startup_exit.py", "--tiny")
+    check(result, "startup_exit", ["plain", "clearml", "targets"])
+    for mode in ("plain", "clearml"):
+        timings = result[mode]
+        assert 0 < timings["command_to_first_iteration_s"] < timings["total_s"]
+        assert 0 < timings["last_iteration_to_exit_s"] < timings["total_s"]
+    assert result["runs"]["clearml"][0]["offline_session"] is True
