@@ -59,18 +59,22 @@ def _backbone_source(weights) -> str:
     return "download" if _reachable(weights.url) else "none"
 
 
-def _load_backbone_file(model: nn.Module, path: str) -> None:
+def _load_backbone_file(model: nn.Module, path: str, backbone_name: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"PRETRAINED_BACKBONE={path} does not exist: point it at an ImageNet backbone .pth or unset it")
     state = torch.load(file, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     # ImageNet checkpoints carry a classifier ('fc.*' / 'classifier.*') that the segmentation backbone lacks.
-    result = model.backbone.load_state_dict(state, strict=False)
     backbone_keys = set(model.backbone.state_dict())
-    missing = [k for k in result.missing_keys if k in backbone_keys]
-    if len(missing) == len(backbone_keys):
+    if not backbone_keys & set(state):
         raise UserError(f"PRETRAINED_BACKBONE={path} shares no weights with the {type(model.backbone).__name__} backbone")
+    try:
+        result = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes: a checkpoint of another architecture
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"PRETRAINED_BACKBONE={path} does not fit the {backbone_name} backbone: {first}") from None
+    missing = [k for k in result.missing_keys if k in backbone_keys]
     if missing:
         log.warning("PRETRAINED_BACKBONE=%s: %d backbone tensors missing, they stay random", path, len(missing))
 
@@ -100,7 +104,7 @@ def _build(backbone, num_classes, aux_loss, pretrained_backbone) -> nn.Module:
         return builder(weights=None, weights_backbone=weights, num_classes=num_classes, aux_loss=aux_loss)
     model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
     if source == "env":
-        _load_backbone_file(model, os.environ["PRETRAINED_BACKBONE"])
+        _load_backbone_file(model, os.environ["PRETRAINED_BACKBONE"], backbone)
         log.info("backbone weights loaded from PRETRAINED_BACKBONE=%s", os.environ["PRETRAINED_BACKBONE"])
     elif source == "none":
         log.warning(
