@@ -8,9 +8,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = REPO / "code"
-if str(CODE) not in sys.path:  # runnable from a checkout even before `pip install -e .`
-    sys.path.insert(0, str(CODE))
 
 
 def cpu_model() -> str:

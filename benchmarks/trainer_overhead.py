@@ -132,10 +132,8 @@ def build(settings: dict) -> dict:
 
 CONFIG = '''# Written by benchmarks/trainer_overhead.py: train() on batches held in memory.
 import json
-import sys
 
-sys.path.insert(0, {bench_dir!r})
-from trainer_overhead import build
+from trainer_overhead import build  # the worker runs benchmarks/trainer_overhead.py: its folder is on sys.path
 
 seed = {seed}
 device = "cpu"
@@ -233,7 +231,7 @@ def run_ours(args, settings, workdir: Path) -> dict:
 
     config_path = workdir / "inmemory.py"
     config_path.write_text(CONFIG.format(
-        bench_dir=str(Path(__file__).resolve().parent), seed=SEED, epochs=args.epochs, val_interval=args.val_interval,
+        seed=SEED, epochs=args.epochs, val_interval=args.val_interval,
         save_every_iters=args.save_every_iters, log_every_iters=args.log_every_iters, settings=json.dumps(settings)))
     tracked = {} if args.no_clearml else clearml_tracking.prepare(config_path, None)
     clearml_factory = tracked.get("tracker_factory")
@@ -277,8 +275,7 @@ def side_env(tmp: Path, pin_malloc: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML", "TRAINS"))}
     home = tmp / "home"
     home.mkdir(exist_ok=True)
-    env.update(HOME=str(home), CLEARML_OUTPUT_PATH=str(tmp / "clearml"), OUTPUT_PATH=str(tmp / "output"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(C.CODE), env.get("PYTHONPATH")])))
+    env.update(HOME=str(home), CLEARML_OUTPUT_PATH=str(tmp / "clearml"), OUTPUT_PATH=str(tmp / "output"))
     if pin_malloc:
         env.update(PINNED_MALLOC)
     return env
