@@ -13,7 +13,6 @@ loses nothing (import it once the server is back). What cannot work offline -- e
 ``CLEARML_QUEUE``, importing a session, fetching a model by id -- fails with a one-line UserError instead.
 """
 
-import ast
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from typing import Mapping, Optional
 import ignite.distributed as idist
 from ignite.engine import Events
 
-from vocseg.config import peek_constant
+from vocseg.config import literal_constants, peek_constant
 from vocseg.errors import UserError, one_line
 from vocseg.voc import VOC_CLASSES
 
@@ -63,19 +62,8 @@ def config_constants(config_path) -> dict:
 
     Exactly the assignments py_config_runner's mutations can replace; secret-looking names are left out.
     """
-    tree = ast.parse(Path(config_path).read_text(), filename=str(config_path))
-    constants = {}
-    for node in tree.body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            continue
-        name = node.targets[0].id
-        try:
-            value = ast.literal_eval(node.value)
-        except ValueError:
-            continue
-        if isinstance(value, (bool, int, float, str)) and not _SECRET_NAME.search(name):
-            constants[name] = value
-    return constants
+    return {name: value for name, value in literal_constants(config_path).items()
+            if isinstance(value, (bool, int, float, str)) and not _SECRET_NAME.search(name)}
 
 
 def _cast(name: str, value, like):

@@ -60,21 +60,28 @@ def env_path(name: str, default=None):
     return value if value else default
 
 
-def peek_constant(path, name: str, mutations: Optional[Mapping] = None, default=None):
-    """A top-level constant of a config, read without running it (the seed must be set before the
-    config builds its model)."""
-    if mutations and name in mutations:
-        return mutations[name]
+def literal_constants(path) -> dict:
+    """The config's top-level ``name = literal`` assignments, read without running it: exactly what
+    py_config_runner's mutations can replace."""
     import ast
 
     try:
         tree = ast.parse(Path(path).read_text(), filename=str(path))
     except SyntaxError as exc:
         raise UserError(f"syntax error in config {path}, line {exc.lineno}: {exc.msg}") from None
+    constants = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
-                return ast.literal_eval(node.value)
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
-                return default
-    return default
+                continue
+    return constants
+
+
+def peek_constant(path, name: str, mutations: Optional[Mapping] = None, default=None):
+    """A top-level constant of a config, read without running it (the seed must be set before the
+    config builds its model)."""
+    if mutations and name in mutations:
+        return mutations[name]
+    return literal_constants(path).get(name, default)

@@ -187,44 +187,38 @@ def get_dataloaders(
     train_raw = _subset(build_train_dataset(voc_root, sbd_root), limit_train_num_samples)
     val_raw = _subset(VOCSegmentation(voc_root, "val"), limit_val_num_samples)
 
-    train_ds = SegmentationSamples(train_raw, T.train_transform(crop_size))
-    val_ds = SegmentationSamples(val_raw, T.val_transform(val_pad_size), expected_size=val_pad_size)
-    # Same images as training, but at full resolution without augmentation.
-    train_eval_ds = SegmentationSamples(train_raw, T.val_transform(val_pad_size), expected_size=val_pad_size)
-
     per_process = batch_size // world_size
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=seed_worker,
-                  persistent_workers=num_workers > 0)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     train_loader = idist.auto_dataloader(
-        train_ds,
+        SegmentationSamples(train_raw, T.train_transform(crop_size)),
         batch_size=batch_size,
-        sampler=SeededShuffleSampler(len(train_ds), seed, per_process, world_size, rank),
+        sampler=SeededShuffleSampler(len(train_raw), seed, per_process, world_size, rank),
         drop_last=True,
+        worker_init_fn=seed_worker,
         **common,
     )
 
     n_eval = min(train_eval_num_samples, len(train_raw))
     eval_indices = sorted(np.random.default_rng(seed).choice(len(train_raw), size=n_eval, replace=False).tolist())
-    val_loader = idist.auto_dataloader(
-        val_ds, batch_size=val_batch_size, sampler=ShardSampler(range(len(val_ds)), world_size, rank),
-        shuffle=False, drop_last=False, **common,
-    )
-    train_eval_loader = idist.auto_dataloader(
-        train_eval_ds, batch_size=val_batch_size, sampler=ShardSampler(eval_indices, world_size, rank),
-        shuffle=False, drop_last=False, **common,
-    )
+    val_loader = _full_resolution_loader(val_raw, range(len(val_raw)), val_batch_size, val_pad_size, **common)
+    # Same images as training, but at full resolution without augmentation.
+    train_eval_loader = _full_resolution_loader(train_raw, eval_indices, val_batch_size, val_pad_size, **common)
     return train_loader, val_loader, train_eval_loader
 
+
+def _full_resolution_loader(raw, indices, batch_size: int, pad_size: int, **loader_kwargs):
+    """Unaugmented images padded to ``pad_size``; each of ``indices`` scored exactly once across processes."""
+    samples = SegmentationSamples(raw, T.val_transform(pad_size), expected_size=pad_size)
+    sampler = ShardSampler(indices, idist.get_world_size(), idist.get_rank())
+    return idist.auto_dataloader(samples, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
+                                 worker_init_fn=seed_worker, **loader_kwargs)
 
 
 def get_val_loader(voc_root, *, batch_size: int = 4, num_workers: int = 4, val_pad_size: int = 513,
                    image_set: str = "val", limit_num_samples: Optional[int] = None, pin_memory: Optional[bool] = None):
     """Full-resolution VOC images (padded to ``val_pad_size``), each exactly once across processes."""
-    world_size, rank = idist.get_world_size(), idist.get_rank()
     if pin_memory is None:
         pin_memory = "cuda" in idist.device().type
     raw = _subset(VOCSegmentation(voc_root, image_set), limit_num_samples)
-    ds = SegmentationSamples(raw, T.val_transform(val_pad_size), expected_size=val_pad_size)
-    return idist.auto_dataloader(ds, batch_size=batch_size, sampler=ShardSampler(range(len(ds)), world_size, rank),
-                                 shuffle=False, drop_last=False, num_workers=num_workers, pin_memory=pin_memory,
-                                 worker_init_fn=seed_worker)
+    return _full_resolution_loader(raw, range(len(raw)), batch_size, val_pad_size, num_workers=num_workers,
+                                   pin_memory=pin_memory)

@@ -1,5 +1,6 @@
 """Ignite engines: the training step (AMP, accumulation, per-step LR) and the evaluators."""
 
+import functools
 import math
 from contextlib import nullcontext
 from typing import Sequence
@@ -13,11 +14,16 @@ from vocseg.metrics import segmentation_metrics
 from vocseg.transforms import MEAN, STD
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device):
+    # Built once per device: on a GPU each fresh tensor would be another host-to-device copy per batch.
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def prepare_batch(batch, device, non_blocking: bool = True):
     """uint8 NCHW images -> normalised float on the device; masks -> int64 with 255 kept."""
     images = batch["image"].to(device, non_blocking=non_blocking).float()
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(torch.device(device))
     images = (images - mean) / std
     masks = batch["mask"].to(device, non_blocking=non_blocking).long()
     return images, masks

@@ -9,11 +9,12 @@ from ignite.engine import Events
 
 from vocseg import tracking
 from vocseg.checkpoints import load_weights
+from vocseg.clearml_tracking import resolve_weights
 from vocseg.config import check_inference, load_config, peek_constant
 from vocseg.engines import create_evaluator
 from vocseg.errors import UserError
 from vocseg.metrics import scalar_metrics
-from vocseg.training import parallel_context, seed_everything, setup_logging
+from vocseg.training import launch, seed_everything, setup_logging
 from vocseg.voc import VOC_CLASSES, save_palette_png
 
 log = logging.getLogger("vocseg")
@@ -23,10 +24,6 @@ def _resolve_weights(weights_path):
     if not weights_path:
         raise UserError("weights_path is empty: set WEIGHTS_PATH=/path/to/best_model.pt (or a ClearML model id) "
                         "or weights_path in the config")
-    try:
-        from vocseg.clearml_tracking import resolve_weights
-    except ImportError:
-        return weights_path
     return resolve_weights(weights_path)
 
 
@@ -74,19 +71,12 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
 
 
 def run(config, **kwargs) -> None:
-    from vocseg.errors import exit_with
+    """py_config_runner entry point of code/scripts/evaluation.py."""
 
-    given = config.__dict__["__internal_config_object_data_dict__"]  # the paths, without loading the config
-    config_path, script_path = Path(given["config_filepath"]), given.get("script_filepath")
-
-    def one_rank(local_rank):
+    def one_rank(config_path, script_path):
         from vocseg import clearml_tracking
 
         factory = clearml_tracking.evaluation_tracker(config_path, script_path) if clearml_tracking.enabled() else None
         evaluate(config_path, tracker_factory=factory, **kwargs)
 
-    try:
-        with parallel_context(config_path) as parallel:
-            parallel.run(one_rank)
-    except UserError as exc:
-        exit_with(exc)
+    launch(config, one_rank)

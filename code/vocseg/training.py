@@ -282,22 +282,28 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     return {**results, "output_dir": str(output_dir)}
 
 
-def run(config, **kwargs) -> None:
-    """py_config_runner entry point; works alike under python, torchrun and torch.distributed.launch."""
+def launch(config, one_rank) -> None:
+    """Runs ``one_rank(config_path, script_path)`` in every process however they were started (python,
+    torchrun, torch.distributed.launch); bad input ends the run with one line and a non-zero exit."""
     from vocseg.errors import exit_with
 
     given = config.__dict__["__internal_config_object_data_dict__"]  # the paths, without loading the config
     config_path, script_path = Path(given["config_filepath"]), given.get("script_filepath")
+    try:
+        with parallel_context(config_path) as parallel:
+            parallel.run(lambda local_rank: one_rank(config_path, script_path))
+    except UserError as exc:
+        exit_with(exc)
 
-    def one_rank(local_rank):
+
+def run(config, **kwargs) -> None:
+    """py_config_runner entry point of code/scripts/training.py."""
+
+    def one_rank(config_path, script_path):
         from vocseg import clearml_tracking
 
         # ClearML first: the task may enqueue itself, or carry a clone's edited hyperparameters.
         tracked = clearml_tracking.prepare(config_path, script_path) if clearml_tracking.enabled() else {}
         train(config_path, script_path, **{**kwargs, **tracked})
 
-    try:
-        with parallel_context(config_path) as parallel:
-            parallel.run(one_rank)
-    except UserError as exc:
-        exit_with(exc)
+    launch(config, one_rank)
