@@ -17,7 +17,7 @@ train-eval and val batches every ``val_interval`` epochs.
   ClearML (offline: HOME is a temporary folder without clearml.conf) with its resource monitor.
 
 The plain side runs with glibc's default allocator settings, as a user's script would; train() (on a CPU
-device) tells glibc to keep freed blocks (``keep_freed_memory``), which saves the page faults that otherwise
+device) tells glibc to keep freed blocks (``runtime.tune_cpu_allocator``), which saves the page faults that otherwise
 cost 5-10% of every CPU step. ``--pin-malloc`` gives both sides the same fixed allocator settings (through
 MALLOC_*_ variables) to isolate what the trainer and its handlers themselves cost.
 
@@ -28,6 +28,7 @@ Per epoch: from the end of the previous epoch (or the start) to the end of this 
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -185,7 +186,7 @@ def run_plain(args, settings) -> dict:
     import torch
 
     from vocseg.engines import prepare_batch
-    from vocseg.training import seed_everything
+    from vocseg.runtime import seed_everything
 
     seed_everything(SEED)
     o = build(settings)
@@ -226,15 +227,15 @@ def run_plain(args, settings) -> dict:
 def run_ours(args, settings, workdir: Path) -> dict:
     from ignite.engine import Events
 
-    from vocseg import clearml_tracking
+    from vocseg import clearml_reports, clearml_session
     from vocseg.training import train
 
     config_path = workdir / "inmemory.py"
     config_path.write_text(CONFIG.format(
         seed=SEED, epochs=args.epochs, val_interval=args.val_interval,
         save_every_iters=args.save_every_iters, log_every_iters=args.log_every_iters, settings=json.dumps(settings)))
-    tracked = {} if args.no_clearml else clearml_tracking.prepare(config_path, None)
-    clearml_factory = tracked.get("tracker_factory")
+    task, mutations = (None, None) if args.no_clearml else clearml_session.prepare(config_path, None)
+    clearml_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
     iteration_ends, epoch_ends, start = [], [], []
 
     def factory(**kwargs):
@@ -245,7 +246,7 @@ def run_ours(args, settings, workdir: Path) -> dict:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epoch_ends.append(stamp()))
         return tracker
 
-    train(config_path, None, mutations=tracked.get("mutations"), tracker_factory=factory)
+    train(config_path, None, mutations=mutations or None, tracker_factory=factory)
     return {**summarise(iteration_ends, epoch_ends, start[0]), "clearml": clearml_factory is not None,
             "progress": "tqdm" if sys.stderr.isatty() else "log lines"}
 

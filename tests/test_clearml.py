@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vocseg import clearml_tracking as ct
+from vocseg import checkpoints
+from vocseg import clearml_session as ct
 from vocseg.config import load_config
 from vocseg.errors import UserError
 
@@ -169,7 +170,7 @@ def dummy_server_env(tmp_path, host, **extra):
                        CLEARML_API_ACCESS_KEY="dummy", CLEARML_API_SECRET_KEY="dummy", **extra)
 
 
-INIT_AND_CLOSE = ("from vocseg import clearml_tracking as ct; "
+INIT_AND_CLOSE = ("from vocseg import clearml_session as ct; "
                   f"ct.finish(ct.init_task({CONFIG!r}, 'training', {SCRIPT!r}))")
 
 
@@ -271,10 +272,10 @@ def test_clone_edits_change_what_the_config_builds(monkeypatch, synthetic_voc, c
     monkeypatch.delenv("CLEARML_QUEUE", raising=False)
     stand_in = RemoteTaskStandIn({"learning_rate": "0.05", "batch_size": "2", "num_epochs": "3", "seed": "3"})
     monkeypatch.setattr(ct, "init_task", lambda *a, **k: stand_in)
-    prepared = ct.prepare(ROOT / CONFIG, ROOT / SCRIPT)
-    assert prepared["mutations"] == {"learning_rate": 0.05, "batch_size": 2, "num_epochs": 3}
+    task, mutations = ct.prepare(ROOT / CONFIG, ROOT / SCRIPT)
+    assert task is stand_in and mutations == {"learning_rate": 0.05, "batch_size": 2, "num_epochs": 3}
     assert "learning_rate=0.05 (was 0.01)" in capsys.readouterr().err
-    config = load_config(ROOT / CONFIG, prepared["mutations"])
+    config = load_config(ROOT / CONFIG, mutations)
     assert config.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # backbone; the head has 10x
     assert config.train_loader.batch_size == 2 and config.num_epochs == 3
     untouched = load_config(ROOT / CONFIG)
@@ -294,22 +295,22 @@ def test_clone_with_a_bad_edit_fails_before_building(monkeypatch):
 
 def test_resolve_weights_keeps_local_paths(tmp_path):
     weights = tmp_path / "best.pt"
-    assert ct.resolve_weights(weights) == weights
+    assert checkpoints.resolve_weights(weights) == weights
     local = "output/run/best/best_model_3_val_mIoU=0.5.pt"
-    assert ct.resolve_weights(local) == local
+    assert checkpoints.resolve_weights(local) == local
 
 
 def test_resolve_weights_model_id_without_a_server_is_a_user_error(monkeypatch):
     monkeypatch.setattr(ct, "_credentials_configured", lambda: False)
     with pytest.raises(UserError, match="no ClearML server configured"):
-        ct.resolve_weights("0123456789abcdef0123456789abcdef")
+        checkpoints.resolve_weights("0123456789abcdef0123456789abcdef")
 
 
 def test_resolve_weights_model_id_with_unreachable_server_is_a_user_error(monkeypatch):
     monkeypatch.setattr(ct, "_credentials_configured", lambda: True)
     monkeypatch.setattr(ct, "_api_host", lambda: "http://127.0.0.1:9")
     with pytest.raises(UserError, match="did not answer"):
-        ct.resolve_weights("0123456789abcdef0123456789abcdef")
+        checkpoints.resolve_weights("0123456789abcdef0123456789abcdef")
 
 
 def test_import_script_explains_missing_session(tmp_path):

@@ -217,7 +217,7 @@ def test_rendezvous_failures_end_within_their_timeouts(tmp_path):
 
 def test_process_group_timeout_sources(tmp_path, monkeypatch):
     from vocseg.errors import UserError
-    from vocseg.training import process_group_timeout
+    from vocseg.runtime import process_group_timeout
 
     config = tmp_path / "c.py"
     config.write_text("dist_timeout = 30\n")

@@ -218,3 +218,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_voc, tmp_path):
     assert saved == ["training_checkpoint_2.pt", "training_checkpoint_4.pt"]
     state = torch.load(run_dir / "checkpoints" / "training_checkpoint_4.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_run_honours_the_mutations_of_the_config_object_it_is_given(synthetic_voc, tmp_path, monkeypatch):
+    from py_config_runner import ConfigObject
+
+    from vocseg.training import run
+
+    for name, value in make_env(synthetic_voc, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    for name in [k for k in os.environ if k.startswith(("TINY_", "RESUME_FROM"))]:
+        monkeypatch.delenv(name)
+    run(ConfigObject(REPO / TINY, mutations={"num_epochs": 1, "save_every_iters": 3},
+                     script_filepath=REPO / "code/scripts/training.py"))
+    run_dir = only_run_dir(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["completed"] and metrics["epoch"] == 1 and metrics["iteration"] == 6
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "training_checkpoint_3.pt", "training_checkpoint_6.pt"]

@@ -24,12 +24,12 @@ def main(argv=None) -> None:
 def import_session(session: Path) -> str:
     from clearml import Task
 
-    from vocseg import clearml_tracking
+    from vocseg import clearml_session
 
     if not session.exists():
         raise UserError(f"offline session {session} does not exist: pass the .zip path the training run printed")
     # An import needs the server: no offline fallback here, and no silent minutes-long wait either.
-    clearml_tracking.choose_offline(need_server=f"importing {session}")
+    clearml_session.choose_offline(need_server=f"importing {session}")
     try:
         return Task.import_offline_session(str(session))
     except ValueError as exc:

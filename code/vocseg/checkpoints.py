@@ -1,11 +1,15 @@
-"""Checkpoint saving and loading with Ignite; loading explains mismatches instead of dumping tracebacks."""
+"""Checkpoint saving and loading with Ignite (local files or ClearML model ids); loading explains mismatches
+instead of dumping tracebacks."""
 
+import re
 from pathlib import Path
 
 import torch
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
 from vocseg.errors import UserError
+
+_MODEL_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def training_checkpointer(to_save: dict, dirname, n_saved: int = 2) -> Checkpoint:
@@ -76,3 +80,16 @@ def load_weights(model, path, env: str = "WEIGHTS_PATH") -> None:
         state = state["model"]  # a training checkpoint
     check_model_state(model, state, path)
     getattr(model, "module", model).load_state_dict(state)
+
+
+def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):
+    """A local path unchanged; a ClearML model id (32 hex characters) -> the local copy of its weights."""
+    if not weights_path:
+        raise UserError(f"weights_path is empty: set {env}=/path/to/best_model.pt (or a ClearML model id) "
+                        "or weights_path in the config")
+    text = str(weights_path).strip()
+    if not _MODEL_ID.fullmatch(text) or Path(text).exists():
+        return weights_path
+    from vocseg import clearml_session
+
+    return clearml_session.fetch_model_weights(text)

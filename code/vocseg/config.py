@@ -1,14 +1,37 @@
-"""Loading and checking py_config_runner config files, with errors that name the file and line."""
+"""Config files: where a run's config and script are, their literal constants, and loading them with errors
+that name the file and line. The only module that knows py_config_runner's internals."""
 
+import ast
 import os
 import traceback
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from py_config_runner import ConfigObject, InferenceConfigSchema, TrainvalConfigSchema
 from pydantic import ValidationError
 
 from vocseg.errors import UserError
+
+
+class ConfigSource(NamedTuple):
+    """What a run was asked to do, known before anything in the config is evaluated."""
+
+    config_path: Path
+    script_path: Optional[Path]
+    mutations: dict
+
+
+def config_source(config: ConfigObject) -> ConfigSource:
+    """The paths and mutations py_config_runner hands a script, read without loading the config.
+
+    py_config_runner 0.3.2 keeps them in private attributes (its mutations as AST nodes);
+    tests/test_config.py fails if an upgrade moves them.
+    """
+    given = config.__dict__["__internal_config_object_data_dict__"]
+    mutations = config.__dict__["_mutations"] or {}
+    script = given.get("script_filepath")
+    return ConfigSource(Path(given["config_filepath"]), Path(script) if script else None,
+                        {name: ast.literal_eval(node) for name, node in mutations.items()})
 
 
 def load_config(path, mutations: Optional[Mapping] = None) -> ConfigObject:
@@ -63,8 +86,6 @@ def env_path(name: str, default=None):
 def literal_constants(path) -> dict:
     """The config's top-level ``name = literal`` assignments, read without running it: exactly what
     py_config_runner's mutations can replace."""
-    import ast
-
     try:
         tree = ast.parse(Path(path).read_text(), filename=str(path))
     except SyntaxError as exc:

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import ignite.distributed as idist
 
@@ -71,7 +71,7 @@ class SegmentationSamples(Dataset):
         }
 
 
-class SeededShuffleSampler(DistributedSampler):
+class SeededShuffleSampler(Sampler):
     """Per-epoch shuffled, rank-sharded sampler that hands each sample its own augmentation seed.
 
     ``skip_batches`` lets a run resumed in the middle of an epoch start exactly where it stopped
@@ -112,7 +112,7 @@ class SeededShuffleSampler(DistributedSampler):
         return self.num_samples - self.skip_batches * self.batch_size
 
 
-class ShardSampler(DistributedSampler):
+class ShardSampler(Sampler):
     """Every index exactly once across ranks, no padding: rank r takes r, r + world, ...
 
     DistributedSampler pads the last shard with repeated images, which would count them twice in a
@@ -123,10 +123,6 @@ class ShardSampler(DistributedSampler):
         self.indices = list(indices)
         self.num_replicas = num_replicas
         self.rank = rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
 
     def __iter__(self):
         return iter(self.indices[self.rank :: self.num_replicas])
@@ -181,44 +177,57 @@ def get_dataloaders(
     if batch_size < world_size:
         raise UserError(f"batch_size={batch_size} is smaller than the {world_size} processes: raise batch_size")
     val_batch_size = val_batch_size or max(1, batch_size)
-    if pin_memory is None:
-        pin_memory = "cuda" in idist.device().type
 
     train_raw = _subset(build_train_dataset(voc_root, sbd_root), limit_train_num_samples)
     val_raw = _subset(VOCSegmentation(voc_root, "val"), limit_val_num_samples)
 
     per_process = batch_size // world_size
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    train_loader = idist.auto_dataloader(
+    common = _loader_settings(num_workers, pin_memory)
+    train_loader = DataLoader(
         SegmentationSamples(train_raw, T.train_transform(crop_size)),
-        batch_size=batch_size,
+        batch_size=per_process,
         sampler=SeededShuffleSampler(len(train_raw), seed, per_process, world_size, rank),
         drop_last=True,
-        worker_init_fn=seed_worker,
         **common,
     )
 
     n_eval = min(train_eval_num_samples, len(train_raw))
     eval_indices = sorted(np.random.default_rng(seed).choice(len(train_raw), size=n_eval, replace=False).tolist())
-    val_loader = _full_resolution_loader(val_raw, range(len(val_raw)), val_batch_size, val_pad_size, **common)
+    val_loader = _full_resolution_loader(val_raw, range(len(val_raw)), val_batch_size, val_pad_size, common)
     # Same images as training, but at full resolution without augmentation.
-    train_eval_loader = _full_resolution_loader(train_raw, eval_indices, val_batch_size, val_pad_size, **common)
+    train_eval_loader = _full_resolution_loader(train_raw, eval_indices, val_batch_size, val_pad_size, common)
     return train_loader, val_loader, train_eval_loader
 
 
-def _full_resolution_loader(raw, indices, batch_size: int, pad_size: int, **loader_kwargs):
-    """Unaugmented images padded to ``pad_size``; each of ``indices`` scored exactly once across processes."""
+def _loader_settings(num_workers: int, pin_memory: Optional[bool]) -> dict:
+    """DataLoader keywords every loader here shares, per process.
+
+    ``num_workers`` is per node: the processes of a node split it (rounded up), as ignite's auto_dataloader does.
+    """
+    nproc = idist.get_nproc_per_node() if idist.get_world_size() > 1 else 1
+    if nproc > 1 and num_workers >= nproc:
+        num_workers = (num_workers + nproc - 1) // nproc
+    if pin_memory is None:
+        pin_memory = "cuda" in idist.device().type
+    return dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                worker_init_fn=seed_worker)
+
+
+def _full_resolution_loader(raw, indices, batch_size: int, pad_size: int, settings: dict):
+    """Unaugmented images padded to ``pad_size``; each of ``indices`` scored exactly once across processes.
+
+    ``batch_size`` is the total over all processes, like the training batch size.
+    """
+    world_size = idist.get_world_size()
+    per_process = batch_size // world_size if batch_size >= world_size else batch_size
     samples = SegmentationSamples(raw, T.val_transform(pad_size), expected_size=pad_size)
-    sampler = ShardSampler(indices, idist.get_world_size(), idist.get_rank())
-    return idist.auto_dataloader(samples, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
-                                 worker_init_fn=seed_worker, **loader_kwargs)
+    return DataLoader(samples, batch_size=per_process, sampler=ShardSampler(indices, world_size, idist.get_rank()),
+                      shuffle=False, drop_last=False, **settings)
 
 
 def get_val_loader(voc_root, *, batch_size: int = 4, num_workers: int = 4, val_pad_size: int = 513,
                    image_set: str = "val", limit_num_samples: Optional[int] = None, pin_memory: Optional[bool] = None):
     """Full-resolution VOC images (padded to ``val_pad_size``), each exactly once across processes."""
-    if pin_memory is None:
-        pin_memory = "cuda" in idist.device().type
     raw = _subset(VOCSegmentation(voc_root, image_set), limit_num_samples)
-    return _full_resolution_loader(raw, range(len(raw)), batch_size, val_pad_size, num_workers=num_workers,
-                                   pin_memory=pin_memory)
+    return _full_resolution_loader(raw, range(len(raw)), batch_size, val_pad_size,
+                                   _loader_settings(num_workers, pin_memory))

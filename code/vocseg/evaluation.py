@@ -1,5 +1,6 @@
 """Scoring trained weights on VOC val at full resolution, with optional flip / multi-scale TTA."""
 
+import functools
 import logging
 from pathlib import Path
 
@@ -7,24 +8,29 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 
-from vocseg import tracking
-from vocseg.checkpoints import load_weights
-from vocseg.clearml_tracking import resolve_weights
+from vocseg import outputs, runtime
+from vocseg.checkpoints import load_weights, resolve_weights
 from vocseg.config import check_inference, load_config, peek_constant
 from vocseg.engines import create_evaluator
-from vocseg.errors import UserError
 from vocseg.metrics import scalar_metrics
-from vocseg.training import launch, seed_everything, setup_logging
 from vocseg.voc import VOC_CLASSES, save_palette_png
 
 log = logging.getLogger("vocseg")
 
 
-def _resolve_weights(weights_path):
-    if not weights_path:
-        raise UserError("weights_path is empty: set WEIGHTS_PATH=/path/to/best_model.pt (or a ClearML model id) "
-                        "or weights_path in the config")
-    return resolve_weights(weights_path)
+def run(config, **_runner_kwargs) -> None:
+    """py_config_runner entry point (it also passes its own logger, unused) of code/scripts/evaluation.py."""
+    runtime.launch(config, _evaluate_one_rank)
+
+
+def _evaluate_one_rank(source) -> None:
+    from vocseg import clearml_reports, clearml_session
+
+    factory = None
+    if clearml_session.enabled() and idist.get_rank() == 0:
+        task = clearml_session.init_task(source.config_path, "testing", source.script_path)
+        factory = functools.partial(clearml_reports.EvaluationReport, task)
+    evaluate(source.config_path, mutations=source.mutations or None, tracker_factory=factory)
 
 
 def _save_predictions(evaluator, folder: Path) -> None:
@@ -35,15 +41,15 @@ def _save_predictions(evaluator, folder: Path) -> None:
 
 
 def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
-    seed_everything(int(peek_constant(config_path, "seed", mutations, default=0)))
+    runtime.seed_everything(int(peek_constant(config_path, "seed", mutations, default=0)))
     config = load_config(config_path, mutations)
     check_inference(config)
-    output_dir = tracking.make_output_dir(config_path)
-    logger = setup_logging(output_dir)
+    output_dir = outputs.make_output_dir(config_path)
+    logger = runtime.setup_logging(output_dir)
     device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
 
     model = config.model
-    load_weights(model, _resolve_weights(config.weights_path))
+    load_weights(model, resolve_weights(config.weights_path))
     model = model.to(device)
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
     evaluator = create_evaluator(model, device=device, amp=config.get("amp", "auto"), flip=flip, scales=scales,
@@ -62,21 +68,9 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     result = {"val": {**metrics, "IoU": per_class}, "weights_path": str(config.weights_path),
               "tta": {"flip": flip, "scales": list(scales)}, "output_dir": str(output_dir)}
     if idist.get_rank() == 0:
-        tracking.write_json(output_dir / "metrics.json", result)
+        outputs.write_json(output_dir / "metrics.json", result)
         if tracker_factory:
             tracker_factory(config=config, output_dir=output_dir, result=result, evaluator=evaluator).close()
     logger.info("val %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     logger.info("metrics written to %s", output_dir / "metrics.json")
     return result
-
-
-def run(config, **kwargs) -> None:
-    """py_config_runner entry point of code/scripts/evaluation.py."""
-
-    def one_rank(config_path, script_path):
-        from vocseg import clearml_tracking
-
-        factory = clearml_tracking.evaluation_tracker(config_path, script_path) if clearml_tracking.enabled() else None
-        evaluate(config_path, tracker_factory=factory, **kwargs)
-
-    launch(config, one_rank)

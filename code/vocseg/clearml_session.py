@@ -1,4 +1,4 @@
-"""ClearML experiment tracking: task creation, online/offline choice, remote execution, clones, output models.
+"""The ClearML session of a run: online or offline, the task, how an agent reruns it, a clone's edits, enqueueing.
 
 ``export CLEARML_OUTPUT_PATH=...`` switches it on (a run under ``clearml-agent`` always has it on).
 
@@ -11,6 +11,8 @@ A configured server that does not answer a short probe makes the run *fall back 
 warning rather than fail: a training run is worth more than its live dashboard, and the offline session
 loses nothing (import it once the server is back). What cannot work offline -- enqueueing with
 ``CLEARML_QUEUE``, importing a session, fetching a model by id -- fails with a one-line UserError instead.
+
+What a run reports to its task is in ``clearml_reports``.
 """
 
 import json
@@ -19,24 +21,21 @@ import re
 import sys
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
 import ignite.distributed as idist
-from ignite.engine import Events
 
 from vocseg.config import literal_constants, peek_constant
 from vocseg.errors import UserError, one_line
-from vocseg.voc import VOC_CLASSES
 
 PROJECT = "Pascal-VOC12 Training"
 SECTION = "Config"  # hyperparameter section holding the config's constants
 PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
-_MODEL_ID = re.compile(r"[0-9a-f]{32}")
 _IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
 _REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+
 
 
 def say(message: str) -> None:
@@ -263,15 +262,16 @@ def announce_offline_session(folder) -> None:
         f"  python {script} {archive}")
 
 
-def prepare(config_path, script_path) -> dict:
-    """``train()`` keyword arguments for a tracked run: config mutations (a clone's edited hyperparameters)
-    and, on rank 0, the tracker factory. Enqueues the run instead when a queue is requested."""
+def prepare(config_path, script_path):
+    """``(task, mutations)`` for a tracked training run: rank 0's task (None on the other ranks) and a clone's
+    edited hyperparameters as config mutations (the same on every rank). Enqueues the run instead, and exits,
+    when a queue is requested."""
     queue = None if running_under_agent() else os.environ.get("CLEARML_QUEUE") or peek_constant(config_path,
                                                                                                 "clearml_queue")
     if queue and idist.get_world_size() > 1:
         raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
                         "(python -m py_config_runner ...), not with torchrun")
-    mutations, factory, error = {}, None, None
+    task, mutations, error = None, {}, None
     if idist.get_rank() == 0:
         try:
             task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}")
@@ -285,119 +285,18 @@ def prepare(config_path, script_path) -> dict:
                 mutations = edited_overrides(task, constants)
         except UserError as exc:
             error = str(exc)
-
-        def factory(**kwargs):
-            return ClearMLTracker(task, **kwargs)
-
     if idist.get_world_size() > 1:
         # The other ranks must build the same config, and must not wait forever when rank 0 gave up.
         error, mutations = json.loads(idist.broadcast(json.dumps([error, mutations]) if idist.get_rank() == 0
                                                       else "", src=0, safe_mode=True))
     if error:
         raise UserError(error)
-    return {"mutations": mutations or None, "tracker_factory": factory}
+    return task, mutations
 
 
-# ---------------------------------------------------------------------------------------------------------
-# What a training run reports.
-
-
-def class_names(n: int):
-    return list(VOC_CLASSES) if n == len(VOC_CLASSES) else [str(i) for i in range(n)]
-
-
-SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]
-
-
-class ClearMLTracker:
-    """Reports a training run to its task with Ignite's ClearML handlers; created by ``train()``."""
-
-    def __init__(self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger):
-        from clearml import OutputModel
-        from ignite.handlers.clearml_logger import ClearMLLogger
-
-        self.task, self.trainer, self.evaluators, self.best = task, trainer, evaluators, best
-        self.output_dir = output_dir
-        with warnings.catch_warnings():
-            # Ignite's word for offline mode, which choose_offline() has already announced.
-            warnings.filterwarnings("ignore", message=".*running in bypass mode")
-            self.clearml = ClearMLLogger()  # adopts the current task
-        every = Events.ITERATION_COMPLETED(every=int(config.get("log_every_iters", 10)))
-        self.clearml.attach_output_handler(trainer, every, tag="train",
-                                           output_transform=lambda o: {"batch_loss": float(o["batch_loss"])})
-        self.clearml.attach_opt_params_handler(trainer, every, optimizer, param_name="lr")
-        for tag, evaluator in evaluators.items():
-            self.clearml.attach_output_handler(evaluator, Events.COMPLETED, tag=tag, metric_names=SCALAR_METRICS,
-                                               global_step_transform=lambda *_: trainer.state.epoch)
-            evaluator.add_event_handler(Events.COMPLETED, self._report_class_iou, tag)
-        # After the best-model checkpointer (registered earlier on the same event), so its file exists.
-        evaluators["val"].add_event_handler(Events.COMPLETED, self._after_validation)
-        self.names = class_names(int(config.get("num_classes", len(VOC_CLASSES))))
-        self.model_entry = OutputModel(task=task, name=f"{task.name} best", framework="PyTorch",
-                                       label_enumeration={n: i for i, n in enumerate(self.names)})
-        self.registered = None
-
-    def _report_class_iou(self, evaluator, tag: str) -> None:
-        for name, value in zip(self.names, evaluator.state.metrics["IoU"].tolist()):
-            if value == value:  # NaN: the class is absent from both truth and prediction
-                self.clearml.report_scalar(f"{tag}/IoU", name, value, self.trainer.state.epoch)
-
-    def _after_validation(self, evaluator) -> None:
-        epoch = self.trainer.state.epoch
-        grid = getattr(evaluator.state, "grid", None)
-        if grid is not None:
-            self.clearml.report_image("val", "image | ground truth | prediction", iteration=epoch, image=grid)
-        if not self.task.is_offline():
-            self._register_best()  # uploads (to output_uri, if any) in the background while training goes on
-
-    def _register_best(self) -> None:
-        latest = self.best.last_checkpoint
-        if not latest or latest == self.registered:
-            return
-        self.registered = latest
-        path, epoch = str(self.output_dir / "best" / latest), self.trainer.state.epoch
-        if self.task.is_offline():
-            # clearml 2.1.12's update_weights() fails offline before reaching its own offline branch
-            # (its placeholder model has no `locked`); call that branch directly.
-            self.model_entry._update_weights_offline(weights_filename=path, iteration=epoch)
-        else:
-            self.model_entry.update_weights(weights_filename=path, iteration=epoch, auto_delete_file=False)
-
-    def _report_confusion_matrix(self) -> None:
-        cm = self.evaluators["val"].state.metrics.get("cm")
-        if cm is None:
-            return
-        cm = cm.double()
-        normalised = (cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy()  # rows: ground truth, sum to 1
-        self.clearml.report_confusion_matrix(
-            "val confusion matrix", "normalised by ground truth", matrix=normalised, iteration=self.trainer.state.epoch,
-            xaxis="predicted", yaxis="ground truth", xlabels=self.names, ylabels=self.names, yaxis_reversed=True)
-
-    def close(self) -> None:
-        if self.task.is_offline():
-            # Offline, each registration copies the weights into the session, which is zipped at the end:
-            # one copy, of the final best model, keeps the exit short.
-            self._register_best()
-        self._report_confusion_matrix()
-        self.clearml.flush()
-        if sys.exc_info()[1] is not None or self.trainer.state.nan_iteration is not None:
-            # Left open, ClearML's exit hook marks the task failed; closing it now would mark it completed.
-            if self.task.is_offline():
-                announce_offline_session(self.task.get_offline_mode_folder())
-            return
-        finish(self.task)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation: weights_path may be a ClearML model id.
-
-
-def resolve_weights(weights_path) -> str:
-    """A local path unchanged; a ClearML model id (32 hex characters) -> the local copy of its weights."""
-    text = str(weights_path).strip()
-    if not _MODEL_ID.fullmatch(text) or Path(text).exists():
-        return weights_path
-    what = f"weights_path {text} (a ClearML model id)"
+def fetch_model_weights(model_id: str) -> str:
+    """The local copy of a ClearML model's weights file, or a one-line UserError saying why not."""
+    what = f"weights_path {model_id} (a ClearML model id)"
     if not _credentials_configured():
         raise UserError(f"{what}: no ClearML server configured to fetch it from: run clearml-init or set "
                         f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY")
@@ -408,42 +307,9 @@ def resolve_weights(weights_path) -> str:
     try:
         from clearml import InputModel
 
-        local = InputModel(model_id=text).get_weights()
+        local = InputModel(model_id=model_id).get_weights()
     except Exception as exc:
         raise UserError(f"{what} could not be fetched: {one_line(exc)}") from None
     if not local:
         raise UserError(f"{what}: the model has no downloadable weights file")
     return local
-
-
-class EvaluationReport:
-    """The ``tracker_factory`` of evaluation runs: a *testing* task holding the scores and the matrix."""
-
-    def __init__(self, task, *, config, output_dir, result, evaluator):
-        self.task, self.result, self.evaluator = task, result, evaluator
-        task.connect({k: v for k, v in config_constants(config["config_filepath"]).items()}, name=SECTION)
-
-    def close(self) -> None:
-        report = self.task.get_logger()
-        for name, value in self.result["val"].items():
-            if isinstance(value, float):
-                report.report_single_value(f"val/{name}", value)
-        for name, value in self.result["val"]["IoU"].items():
-            report.report_single_value(f"val/IoU/{name}", value)
-        cm = self.evaluator.state.metrics["cm"].double()
-        names = class_names(cm.shape[0])
-        report.report_confusion_matrix(
-            "val confusion matrix", "normalised by ground truth", iteration=0,
-            matrix=(cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy(), xaxis="predicted", yaxis="ground truth",
-            xlabels=names, ylabels=names, yaxis_reversed=True)
-        self.task.upload_artifact("metrics", artifact_object=self.result, wait_on_upload=True)
-        report.flush()
-        finish(self.task)
-
-
-def evaluation_tracker(config_path, script_path):
-    """Rank 0's tracker factory for an evaluation run, or None on the other ranks."""
-    if idist.get_rank() != 0:
-        return None
-    task = init_task(config_path, "testing", script_path)
-    return lambda **kwargs: EvaluationReport(task, **kwargs)

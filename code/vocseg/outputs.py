@@ -1,4 +1,4 @@
-"""Where runs are recorded: the output folder, TensorBoard, metrics.json (rank 0 only)."""
+"""A run's local outputs: its folder, the copied sources, TensorBoard, metrics.json (rank 0 only)."""
 
 import json
 import os

@@ -1,0 +1,116 @@
+"""What runs report to their ClearML task: the training tracker and the evaluation report."""
+
+import sys
+import warnings
+
+from ignite.engine import Events
+
+from vocseg.clearml_session import SECTION, announce_offline_session, config_constants, finish
+from vocseg.voc import VOC_CLASSES
+
+SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]
+
+
+def class_names(n: int):
+    return list(VOC_CLASSES) if n == len(VOC_CLASSES) else [str(i) for i in range(n)]
+
+
+def report_confusion_matrix(logger, cm, iteration: int) -> None:
+    """The confusion matrix normalised by ground truth (rows sum to 1) as a ClearML plot."""
+    cm = cm.double()
+    names = class_names(cm.shape[0])
+    logger.report_confusion_matrix(
+        "val confusion matrix", "normalised by ground truth", matrix=(cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy(),
+        iteration=iteration, xaxis="predicted", yaxis="ground truth", xlabels=names, ylabels=names,
+        yaxis_reversed=True)
+
+
+class ClearMLTracker:
+    """Reports a training run to its task with Ignite's ClearML handlers; created by ``train()``."""
+
+    def __init__(self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger):
+        from clearml import OutputModel
+        from ignite.handlers.clearml_logger import ClearMLLogger
+
+        self.task, self.trainer, self.evaluators, self.best = task, trainer, evaluators, best
+        self.output_dir = output_dir
+        with warnings.catch_warnings():
+            # Ignite's word for offline mode, which choose_offline() has already announced.
+            warnings.filterwarnings("ignore", message=".*running in bypass mode")
+            self.clearml = ClearMLLogger()  # adopts the current task
+        every = Events.ITERATION_COMPLETED(every=int(config.get("log_every_iters", 10)))
+        self.clearml.attach_output_handler(trainer, every, tag="train",
+                                           output_transform=lambda o: {"batch_loss": float(o["batch_loss"])})
+        self.clearml.attach_opt_params_handler(trainer, every, optimizer, param_name="lr")
+        for tag, evaluator in evaluators.items():
+            self.clearml.attach_output_handler(evaluator, Events.COMPLETED, tag=tag, metric_names=SCALAR_METRICS,
+                                               global_step_transform=lambda *_: trainer.state.epoch)
+            evaluator.add_event_handler(Events.COMPLETED, self._report_class_iou, tag)
+        # After the best-model checkpointer (registered earlier on the same event), so its file exists.
+        evaluators["val"].add_event_handler(Events.COMPLETED, self._after_validation)
+        self.names = class_names(int(config.get("num_classes", len(VOC_CLASSES))))
+        self.model_entry = OutputModel(task=task, name=f"{task.name} best", framework="PyTorch",
+                                       label_enumeration={n: i for i, n in enumerate(self.names)})
+        self.registered = None
+
+    def _report_class_iou(self, evaluator, tag: str) -> None:
+        for name, value in zip(self.names, evaluator.state.metrics["IoU"].tolist()):
+            if value == value:  # NaN: the class is absent from both truth and prediction
+                self.clearml.report_scalar(f"{tag}/IoU", name, value, self.trainer.state.epoch)
+
+    def _after_validation(self, evaluator) -> None:
+        epoch = self.trainer.state.epoch
+        grid = getattr(evaluator.state, "grid", None)
+        if grid is not None:
+            self.clearml.report_image("val", "image | ground truth | prediction", iteration=epoch, image=grid)
+        if not self.task.is_offline():
+            self._register_best()  # uploads (to output_uri, if any) in the background while training goes on
+
+    def _register_best(self) -> None:
+        latest = self.best.last_checkpoint
+        if not latest or latest == self.registered:
+            return
+        self.registered = latest
+        path, epoch = str(self.output_dir / "best" / latest), self.trainer.state.epoch
+        if self.task.is_offline():
+            # clearml 2.1.12's update_weights() fails offline before reaching its own offline branch
+            # (its placeholder model has no `locked`); call that branch directly.
+            self.model_entry._update_weights_offline(weights_filename=path, iteration=epoch)
+        else:
+            self.model_entry.update_weights(weights_filename=path, iteration=epoch, auto_delete_file=False)
+
+    def close(self) -> None:
+        if self.task.is_offline():
+            # Offline, each registration copies the weights into the session, which is zipped at the end:
+            # one copy, of the final best model, keeps the exit short.
+            self._register_best()
+        cm = self.evaluators["val"].state.metrics.get("cm")
+        if cm is not None:
+            report_confusion_matrix(self.clearml, cm, self.trainer.state.epoch)
+        self.clearml.flush()
+        if sys.exc_info()[1] is not None or self.trainer.state.nan_iteration is not None:
+            # Left open, ClearML's exit hook marks the task failed; closing it now would mark it completed.
+            if self.task.is_offline():
+                announce_offline_session(self.task.get_offline_mode_folder())
+            return
+        finish(self.task)
+
+
+class EvaluationReport:
+    """The ``tracker_factory`` of evaluation runs: a *testing* task holding the scores and the matrix."""
+
+    def __init__(self, task, *, config, output_dir, result, evaluator):
+        self.task, self.result, self.evaluator = task, result, evaluator
+        task.connect(config_constants(config["config_filepath"]), name=SECTION)
+
+    def close(self) -> None:
+        report = self.task.get_logger()
+        for name, value in self.result["val"].items():
+            if isinstance(value, float):
+                report.report_single_value(f"val/{name}", value)
+        for name, value in self.result["val"]["IoU"].items():
+            report.report_single_value(f"val/IoU/{name}", value)
+        report_confusion_matrix(report, self.evaluator.state.metrics["cm"], iteration=0)
+        self.task.upload_artifact("metrics", artifact_object=self.result, wait_on_upload=True)
+        report.flush()
+        finish(self.task)

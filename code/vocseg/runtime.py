@@ -1,0 +1,122 @@
+"""What every script does before its own work: start the processes, the process group, logging, seeds.
+
+Switches (environment):
+- ``DIST_TIMEOUT``: seconds a rank waits in a collective for the others (config: ``dist_timeout``).
+- ``VOCSEG_CPU_ALLOCATOR=default``: leave glibc's allocator alone in CPU runs (see ``tune_cpu_allocator``).
+"""
+
+import contextlib
+import ctypes
+import datetime
+import logging
+import os
+import random
+import sys
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+
+from vocseg.config import config_source, peek_constant
+from vocseg.errors import UserError, exit_with
+
+# extra= of a log call that every rank prints, not only rank 0 (e.g. each rank's metrics).
+ALL_RANKS = {"all_ranks": True}
+
+
+def launch(config, one_rank) -> None:
+    """Runs ``one_rank(source)`` (a ``config.ConfigSource``) in every process however they were started
+    (python, torchrun, torch.distributed.launch); bad input ends the run with one line and a non-zero exit."""
+    source = config_source(config)
+    try:
+        with parallel_context(source.config_path) as parallel:
+            parallel.run(lambda local_rank: one_rank(source))
+    except UserError as exc:
+        exit_with(exc)
+
+
+def distributed_backend():
+    """gloo on CPU, nccl on GPU, nothing for a plain single process."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def process_group_timeout(config_path, backend):
+    """How long a rank waits in a collective for the others: DIST_TIMEOUT (seconds, env) or ``dist_timeout``
+    in the config; by default 120 s with gloo and torch's own default (10 min) with nccl.
+
+    A dead peer is noticed at once (its sockets close, and torchrun stops the job); this bounds the wait for
+    a peer that is alive but stuck. Raise it where one rank legitimately runs far ahead of the others.
+    """
+    seconds = os.environ.get("DIST_TIMEOUT") or peek_constant(config_path, "dist_timeout")
+    if seconds is None:
+        return datetime.timedelta(seconds=120) if backend == "gloo" else None
+    try:
+        return datetime.timedelta(seconds=float(seconds))
+    except (TypeError, ValueError):
+        raise UserError(f"process-group timeout {seconds!r} is not a number of seconds: fix DIST_TIMEOUT or "
+                        f"dist_timeout in {config_path}") from None
+
+
+@contextlib.contextmanager
+def parallel_context(config_path):
+    """idist.Parallel for however this process was launched, with the process-group timeout applied."""
+    backend = distributed_backend()
+    if backend is None:
+        with idist.Parallel() as parallel:
+            yield parallel
+        return
+    # ignite 0.5.5 hands Parallel(timeout=...) to init_process_group only when it spawns the processes
+    # itself, never under torchrun: initialise here, and Parallel() runs the function in this group.
+    timeout = process_group_timeout(config_path, backend)
+    idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
+    try:
+        with idist.Parallel() as parallel:
+            yield parallel
+    finally:
+        idist.finalize()
+
+
+def setup_logging(output_dir):
+    from ignite.utils import setup_logger
+
+    rank = idist.get_rank()
+    logger = setup_logger("vocseg", filepath=output_dir / "training.log" if rank == 0 else None,
+                          distributed_rank=rank, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                          reset=True)  # vocseg.* module loggers propagate here
+    if rank > 0:
+        # The other ranks print only warnings and the lines logged with extra=ALL_RANKS (e.g. their metrics):
+        # enough to see which rank failed or disagrees, without a copy of every message per process.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(name)s [rank {rank}] %(levelname)s: %(message)s"))
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(record, "all_ranks", False))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def tune_cpu_allocator() -> bool:
+    """CPU training: let glibc keep freed autograd buffers for the next step instead of handing them back.
+
+    By default it unmaps or trims those large blocks after every step and the next step page-faults them
+    in again: 10-20k faults, 5-10% of a CPU step (benchmarks/trainer_overhead.py); PyTorch's CUDA allocator
+    caches for the same reason. Memory stays at its peak, which the next step needs anyway. Applies to the
+    whole process; ``VOCSEG_CPU_ALLOCATOR=default`` opts out. No-op without glibc. True when applied.
+    """
+    if os.environ.get("VOCSEG_CPU_ALLOCATOR", "") == "default" or not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum: blocks below it come from the reusable heap
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_top_pad, 64 << 20)
+    return True
