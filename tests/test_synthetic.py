@@ -159,3 +159,25 @@ def test_script_writes_data_and_prints_exports(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0
     assert again.stderr.count("\n") == 1 and str(out) in again.stderr
+
+
+def test_test_split_is_laid_out_like_voc2012test(tmp_path):
+    make_synthetic_voc(tmp_path / "plain", 4, 3, size=(40, 48), seed=5)
+    summary = make_synthetic_voc(tmp_path / "with_test", 4, 3, size=(40, 48), seed=5, n_test=6)
+    root = tmp_path / "with_test"
+    voc = root / "VOCdevkit/VOC2012"
+    test = voc_split(root, "test")
+    assert len(test) == len(set(test)) == summary["voc_test"] == 6
+    assert not set(test) & (set(voc_split(root, "trainval")) | set(split(root / "SBD/train.txt")))
+    assert not any((voc / "SegmentationClass" / f"{i}.png").exists() for i in test)  # no ground truth, as on the server
+    sizes = set()
+    for image_id in test:
+        with Image.open(voc / "JPEGImages" / f"{image_id}.jpg") as jpeg:
+            assert jpeg.format == "JPEG" and jpeg.mode == "RGB"
+            assert 30 <= jpeg.height <= 50 and 36 <= jpeg.width <= 60
+            sizes.add(jpeg.size)
+    assert len(sizes) > 1  # a submission must follow each image's own size
+    # Everything else is byte-identical to a dataset generated without the test split.
+    with_test = snapshot(root)
+    assert {k: v for k, v in with_test.items() if not any(i in k for i in test) and not k.endswith("test.txt")} \
+        == snapshot(tmp_path / "plain")

@@ -115,20 +115,52 @@ def _write_sbd_mats(sbd: Path, image_id: str, semantic: np.ndarray, instances: n
     })
 
 
+def _image_id(k: int) -> str:
+    # Spread over the VOC years so splits mix them like the real lists do; distinct for every k.
+    return f"{2007 + k % 5}_{k // 5 + 1:06d}"
+
+
+def _jpeg(image: np.ndarray, image_id: str) -> bytes:
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode {image_id}.jpg")
+    return jpeg.tobytes()
+
+
 def _write_split(path: Path, ids) -> None:
     path.write_text("".join(f"{i}\n" for i in sorted(ids)))
 
 
-def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int = 0) -> dict:
+def _write_test_split(voc: Path, n_test: int, first: int, size, seed: int) -> None:
+    """JPEGImages plus ImageSets/Segmentation/test.txt and no masks, as VOC2012test.tar unpacks.
+
+    Real test images differ in size, and a submission must come back at each one's own size, so
+    every side is drawn between 3/4 and 5/4 of ``size``. Numbering continues after the other
+    splits' images (``first``), which leaves those byte-identical to a run without a test split.
+    """
+    ids = []
+    for k in range(first, first + n_test):
+        rng = np.random.default_rng([seed, k])
+        h, w = (int(round(side * rng.uniform(0.75, 1.25))) for side in size)
+        image, _, _ = _render(rng, (k - first) % (NUM_CLASSES - 1) + 1, (h, w))
+        image_id = _image_id(k)
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg(image, image_id))
+        ids.append(image_id)
+    _write_split(voc / "ImageSets" / "Segmentation" / "test.txt", ids)
+
+
+def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int = 0, n_test: int = 0) -> dict:
     """Write OUT/VOCdevkit/VOC2012 and OUT/SBD; return their paths and split sizes.
 
     SBD overlaps VOC as in reality: it re-annotates some VOC train and some VOC val images and
     adds images VOC never segmented, so the VOC val exclusion of VOC+SBD training is exercised.
+    ``n_test`` adds a ``test`` split laid out like the VOC2012 test archive (see ``_write_test_split``).
     """
     out = Path(out)
     h, w = (int(v) for v in size)
-    if n_train < 1 or n_val < 1:
-        raise UserError(f"need at least 1 train and 1 val image, got --train {n_train} --val {n_val}")
+    if n_train < 1 or n_val < 1 or n_test < 0:
+        raise UserError(f"need at least 1 train and 1 val image and no negative count, got --train {n_train} "
+                        f"--val {n_val} --test {n_test}")
     if min(h, w) < 16:
         raise UserError(f"--size {h} {w} is too small; use at least 16 16")
     if (out / "VOCdevkit").exists() or (out / "SBD").exists():
@@ -137,8 +169,7 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     rng = np.random.default_rng(seed)
     n_sbd_only = max(2, n_train // 2)
     total = n_train + n_val + n_sbd_only
-    # Spread ids over the VOC years so splits mix them like the real lists do.
-    all_ids = [f"{2007 + k % 5}_{k // 5 + 1:06d}" for k in range(total)]
+    all_ids = [_image_id(k) for k in range(total)]
     order = rng.permutation(total)
     voc_train = sorted(all_ids[k] for k in order[:n_train])
     voc_val = sorted(all_ids[k] for k in order[n_train:n_train + n_val])
@@ -162,17 +193,15 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     for k, image_id in enumerate(all_ids):
         image, instances, table = _render(np.random.default_rng([seed, k]), guaranteed[image_id], (h, w))
         semantic = table[instances]
-        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise RuntimeError(f"OpenCV could not encode {image_id}.jpg")
+        jpeg = _jpeg(image, image_id)
         # Real VOC2012 JPEGImages also holds the SBD-only images; only SegmentationClass is partial.
-        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg.tobytes())
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg)
         if image_id in in_voc:
             voc_mask = semantic.copy()
             voc_mask[_void_band(instances)] = IGNORE_INDEX
             save_palette_png(voc / "SegmentationClass" / f"{image_id}.png", voc_mask)
         if image_id in in_sbd:
-            (sbd / "img" / f"{image_id}.jpg").write_bytes(jpeg.tobytes())
+            (sbd / "img" / f"{image_id}.jpg").write_bytes(jpeg)
             _write_sbd_mats(sbd, image_id, semantic, instances, table)
 
     splits = voc / "ImageSets" / "Segmentation"
@@ -183,8 +212,10 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     _write_split(sbd / "train.txt", sbd_train)
     _write_split(sbd / "val.txt", sbd_val)
     _write_split(sbd / "train_noval.txt", train_noval)
+    if n_test:
+        _write_test_split(voc, n_test, total, (h, w), seed)
     return {
-        "voc_root": out, "sbd_root": sbd, "images": total,
+        "voc_root": out, "sbd_root": sbd, "images": total + n_test, "voc_test": n_test,
         "voc_train": len(voc_train), "voc_val": len(voc_val),
         "sbd_train": len(sbd_train), "sbd_val": len(sbd_val), "sbd_train_noval": len(train_noval),
     }
