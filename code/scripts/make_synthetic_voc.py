@@ -25,7 +25,8 @@ def main(argv=None) -> None:
     except UserError as exc:
         exit_with(exc)
     print(
-        f"wrote {summary['images']} images: VOC train {summary['voc_train']} / val {summary['voc_val']}, "
+        f"wrote {summary['images']} images: VOC train {summary['voc_train']} / val {summary['voc_val']} / "
+        f"test {summary['voc_test']}, "
         f"SBD train {summary['sbd_train']} / val {summary['sbd_val']} / train_noval {summary['sbd_train_noval']}"
     )
     print(f"export DATASET_PATH={summary['voc_root'].resolve()}")

@@ -1,0 +1,84 @@
+"""Trained weights on images without ground truth: an eval config's model and TTA, one image at a time."""
+
+import ast
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vocseg.checkpoints import load_weights
+from vocseg.clearml_tracking import resolve_weights
+from vocseg.config import load_config
+from vocseg.dataflow import chw_tensor
+from vocseg.engines import amp_settings, autocast, predict
+from vocseg.errors import UserError
+from vocseg.transforms import MEAN, STD
+
+
+def _assigned_names(path: Path) -> set:
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError):
+        return set()  # load_config reports both with the file and line
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def inference_config(config_path):
+    """An eval config loaded for its model, TTA, device and weights only.
+
+    Its ``data_loader`` is replaced by None before the file runs: building it would need DATASET_PATH
+    and a VOC val split, which predicting on a folder of photos has no use for.
+    """
+    path = Path(config_path)
+    mutations = {"data_loader": None} if "data_loader" in _assigned_names(path) else None
+    config = load_config(path, mutations)
+    if not isinstance(config.get("model"), torch.nn.Module):
+        raise UserError(f"config {path} defines no `model`: use an eval config such as configs/eval/baseline_resnet101.py")
+    return config
+
+
+class Predictor:
+    """Class scores and masks at each image's own size (no padding), with the config's flip/scale TTA."""
+
+    def __init__(self, config_path, weights=None, device: Optional[str] = None):
+        config = inference_config(config_path)
+        weights = weights or config.get("weights_path")
+        if not weights:
+            raise UserError(f"no weights: pass --weights /path/to/best_model.pt (or a ClearML model id), or set "
+                            f"WEIGHTS_PATH / weights_path in {config_path}")
+        self.device = torch.device(device or config.get("device", "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {self.device} was asked for but no GPU is visible: use --device cpu")
+        self.model = config.model
+        self.weights = str(weights)
+        load_weights(self.model, resolve_weights(weights), env="--weights")
+        self.model.eval().to(self.device)
+        self.flip, self.scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
+        self.dtype = amp_settings(self.device, config.get("amp", "auto"))
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+
+    def describe(self) -> str:
+        return f"weights {self.weights} | device {self.device} | flip {self.flip} | scales {self.scales}"
+
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 RGB uint8 -> 1xCxHxW class probabilities (float32, on the device)."""
+        x = (chw_tensor(image)[None].to(self.device).float() - self.mean) / self.std
+        with autocast(self.device, self.dtype):
+            return predict(self.model, x, flip=self.flip, scales=self.scales)
+
+    def mask(self, image: np.ndarray, max_side: Optional[int] = None) -> np.ndarray:
+        """HxW uint8 class ids. With ``max_side``, larger images are scored shrunk to it (memory and time grow
+        with the pixel count) and the scores brought back to the full size before the argmax."""
+        height, width = image.shape[:2]
+        if max_side and max(height, width) > max_side:
+            factor = max_side / max(height, width)
+            small = cv2.resize(image, (max(1, round(width * factor)), max(1, round(height * factor))),
+                               interpolation=cv2.INTER_AREA)
+            scores = F.interpolate(self.scores(small), size=(height, width), mode="bilinear", align_corners=False)
+        else:
+            scores = self.scores(image)
+        return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
