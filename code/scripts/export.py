@@ -20,18 +20,19 @@ from vocseg.errors import UserError, exit_with
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 
 
-def check_images(inputs) -> list:
+def check_images(inputs) -> dict:
     from vocseg.datasets import read_image
     from vocseg.predictions import collect_inputs
 
     if not inputs:
         rng = np.random.default_rng(0)
-        return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((97, 131), (160, 120), (211, 250))]
+        return {f"random {h}x{w}": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                for h, w in ((97, 131), (160, 120), (211, 250))}
     files, problems = collect_inputs(inputs)
-    images = []
+    images = {}
     for path in files:
         try:
-            images.append(read_image(path))
+            images[path.name] = read_image(path)
         except UserError:
             problems.append(f"{path}: not an image OpenCV reads")
     for line in problems:
@@ -80,7 +81,7 @@ def run(args) -> None:
         report[name] = {"path": str(path), "rows": rows, **({"opset": export.ONNX_OPSET} if name == "onnx" else {})}
         (out / "export_check.json").write_text(json.dumps(report, indent=2))
         for row in rows:
-            print(f"{name:<11} {row['size'][0]}x{row['size'][1]}: max abs logit difference {row['max_abs_diff']:.3g}, "
+            print(f"{name:<11} {row['image']} ({row['size'][0]}x{row['size'][1]}): max abs logit difference {row['max_abs_diff']:.3g}, "
                   f"argmax agreement {100 * row['argmax_agreement']:.3f}%")
         export.check_agreement(name, rows)
         print(f"{name:<11} wrote {path}")

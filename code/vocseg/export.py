@@ -73,16 +73,16 @@ def torchscript_runner(path: Path):
 
 
 @torch.no_grad()
-def compare(net: PixelsToLogits, runner, images) -> list[dict]:
-    """Per image (HxWx3 RGB uint8): the export's max abs logit difference and argmax agreement with PyTorch."""
+def compare(net: PixelsToLogits, runner, images: dict) -> list[dict]:
+    """Per image ({name: HxWx3 RGB uint8}): the export's max abs logit difference and argmax agreement with PyTorch."""
     rows = []
-    for image in images:
+    for name, image in images.items():
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
         expected, got = net(x), runner(x)
         if got.shape != expected.shape:
             raise UserError(f"export returned shape {tuple(got.shape)} for a {tuple(x.shape)} input, "
                             f"PyTorch {tuple(expected.shape)}")
-        rows.append({"size": list(image.shape[:2]), "max_abs_diff": float((got - expected).abs().max()),
+        rows.append({"image": name, "size": list(image.shape[:2]), "max_abs_diff": float((got - expected).abs().max()),
                      "argmax_agreement": float((got.argmax(1) == expected.argmax(1)).double().mean())})
     return rows
 
@@ -90,5 +90,5 @@ def compare(net: PixelsToLogits, runner, images) -> list[dict]:
 def check_agreement(name: str, rows: list[dict]) -> None:
     worst = min(rows, key=lambda r: r["argmax_agreement"])
     if worst["argmax_agreement"] <= MIN_ARGMAX_AGREEMENT:
-        raise UserError(f"{name} export disagrees with PyTorch on a {worst['size'][0]}x{worst['size'][1]} image: "
+        raise UserError(f"{name} export disagrees with PyTorch on {worst['image']}: "
                         f"argmax agreement {worst['argmax_agreement']:.5f} <= {MIN_ARGMAX_AGREEMENT}; do not use it")
