@@ -9,8 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocseg.checkpoints import load_weights
-from vocseg.clearml_tracking import resolve_weights
+from vocseg.checkpoints import load_weights, resolve_weights
 from vocseg.config import load_config
 from vocseg.dataflow import chw_tensor
 from vocseg.engines import amp_settings, autocast, predict
@@ -54,7 +53,7 @@ class Predictor:
             raise UserError(f"device {self.device} was asked for but no GPU is visible: use --device cpu")
         self.model = config.model
         self.weights = str(weights)
-        load_weights(self.model, resolve_weights(weights), env="--weights")
+        load_weights(self.model, resolve_weights(weights, env="--weights"), env="--weights")
         self.model.eval().to(self.device)
         self.flip, self.scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
         self.dtype = amp_settings(self.device, config.get("amp", "auto"))
