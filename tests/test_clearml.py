@@ -85,6 +85,8 @@ def test_offline_session_holds_metrics_images_matrix_and_models(offline_run):
     assert ("val/IoU", "background", 2) in scalars
     images = [e for e in evs if e["type"] == "training_debug_image" and e["metric"] == "val"]
     assert sorted(e["iter"] for e in images) == [1, 2] and all(Path(e["url"]).is_file() for e in images)
+    summary = [e for e in evs if e["type"] == "training_debug_image" and e["metric"] == "summary"]
+    assert len(summary) == 1 and Path(summary[0]["url"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plots = [e for e in evs if e["type"] == "plot" and e["metric"] == "val confusion matrix"]
     assert len(plots) == 1 and "ground truth" in plots[0]["plot_str"]
     models = offline_run["task"]["offline_output_models"]

@@ -26,6 +26,7 @@ def run_dir(synthetic_voc, tmp_path_factory):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (out / "tiny").iterdir()
+    assert f"summary {run / 'summary.png'} | curves: tensorboard --logdir {run / 'tb'}" in done.stderr
     return run
 
 
@@ -45,10 +46,11 @@ def test_summary_is_drawn_from_what_the_run_logged(run_dir):
     assert run["grid"].shape == (4 * 96, 3 * 96, 3)  # 4 samples x (image | ground truth | prediction) at 96 px
 
 
-def test_summary_png_is_written_into_the_output_folder(run_dir):
-    path = write_summary(run_dir)
-    assert path == run_dir / "summary.png"
-    with Image.open(path) as png:
+def test_training_writes_summary_png_into_its_output_folder(run_dir):
+    written = (run_dir / "summary.png").read_bytes()
+    assert write_summary(run_dir) == run_dir / "summary.png"  # redrawn from the folder alone: the same picture
+    assert (run_dir / "summary.png").read_bytes() == written
+    with Image.open(run_dir / "summary.png") as png:
         assert png.format == "PNG" and png.size == (1500, 1400)
         pixels = np.asarray(png.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # curves, bars and the image grid, not a blank page

@@ -87,6 +87,10 @@ class ClearMLTracker:
         cm = self.evaluators["val"].state.metrics.get("cm")
         if cm is not None:
             report_confusion_matrix(self.clearml, cm, self.trainer.state.epoch)
+        summary = self.output_dir / "summary.png"
+        if summary.is_file():  # written by train() just before
+            self.clearml.report_image("summary", "summary.png", iteration=self.trainer.state.epoch,
+                                      local_path=str(summary))
         self.clearml.flush()
         if sys.exc_info()[1] is not None or self.trainer.state.nan_iteration is not None:
             # Left open, ClearML's exit hook marks the task failed; closing it now would mark it completed.

@@ -77,8 +77,10 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     finally:
         if tb is not None:
             tb.close()
+            if sys.exc_info()[1] is None:  # a finished run (a NaN stop included), not a crash
+                _write_summary(output_dir)
         if tracker is not None:
-            tracker.close()
+            tracker.close()  # after the summary: the tracker attaches summary.png
 
     if run.trainer.state.nan_iteration is not None:
         good = checkpointer.last_checkpoint
@@ -88,6 +90,17 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     results.write({"completed": True})
     logger.info("done: metrics in %s", output_dir / "metrics.json")
     return {**results.values, "output_dir": str(output_dir)}
+
+
+def _write_summary(output_dir) -> None:
+    from vocseg import run_summary  # matplotlib and TensorBoard's reader load only when a run ends
+
+    try:
+        path = run_summary.write_summary(output_dir)
+    except Exception as exc:  # a plot must not fail a run whose weights and metrics are already saved
+        log.warning("summary.png not written: %s: %s", type(exc).__name__, exc)
+        return
+    log.info("summary %s | curves: tensorboard --logdir %s", path, output_dir / "tb")
 
 
 def _device(config, config_path) -> torch.device:
