@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := data/synthetic
+# Where the demo's run folder goes (shell syntax: expanded by each recipe line).
+DEMO_OUT := $${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml}
 
 .PHONY: install install-test test demo bench clean
 
@@ -25,12 +27,15 @@ test: install-test
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 $(DEMO_DATA)/VOCdevkit:
-	$(BIN)/python code/scripts/make_synthetic_voc.py $(DEMO_DATA) --train 200 --val 40 --size 128 128 --seed 0
+	$(BIN)/python code/scripts/make_synthetic_voc.py $(DEMO_DATA) --train 200 --val 40 --test 20 --size 128 128 --seed 0
 
 demo: install $(DEMO_DATA)/VOCdevkit
 	DATASET_PATH=$(CURDIR)/$(DEMO_DATA) SBD_DATASET_PATH=$(CURDIR)/$(DEMO_DATA)/SBD \
-	CLEARML_OUTPUT_PATH=$${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml} \
+	CLEARML_OUTPUT_PATH=$(DEMO_OUT) \
 	$(BIN)/python -m py_config_runner code/scripts/training.py configs/train/quickstart_cpu.py
+	@run=$$(ls -d $(DEMO_OUT)/quickstart_cpu/*/ | sort | tail -n 1); \
+	test -f "$${run}summary.png" || { echo "error: the demo run $$run wrote no summary.png" >&2; exit 1; }; \
+	printf '\nrun summary:  %s\nTensorBoard:  %s\n' "$${run}summary.png" "$(BIN)/tensorboard --logdir $${run}tb"
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
