@@ -68,9 +68,11 @@ def _png_problem(png: Image.Image, size) -> str:
 
 
 def pack(out: Path, competition: str) -> Path:
+    # Only this competition's folder: an --out holding comp5 and comp6 results gives one archive each.
+    folder = results_folder(out, competition)
     archive = Path(out) / f"{competition}_test_cls.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(Path(out) / "results", arcname="results")
+        tar.add(folder, arcname=folder.relative_to(out).as_posix())
     return archive
 
 
