@@ -6,7 +6,7 @@ DEMO_DATA := data/synthetic
 # Where the demo's run folder goes (shell syntax: expanded by each recipe line).
 DEMO_OUT := $${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml}
 
-.PHONY: install install-test test demo bench clean
+.PHONY: install install-test test test-slurm demo bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 test: install-test
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+# The SLURM suite, against the cluster sinfo reaches (.ci/run starts ../shared/slurm-local).
+test-slurm: install-test
+	$(BIN)/python -m pytest -ra tests/slurm $(PYTEST_ARGS)
 
 $(DEMO_DATA)/VOCdevkit:
 	$(BIN)/python code/scripts/make_synthetic_voc.py $(DEMO_DATA) --train 200 --val 40 --test 20 --size 128 128 --seed 0

@@ -1,6 +1,8 @@
 """Shared fixtures. `synthetic_voc` is built once per session: treat it as read-only and copy
 whatever a test needs to break (see copy_voc in test_datasets.py)."""
 
+from pathlib import Path
+
 import pytest
 
 from vocseg.synthetic import make_synthetic_voc
@@ -15,3 +17,15 @@ def synthetic_voc(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_voc")
     make_synthetic_voc(out, 24, 21, size=(96, 96), seed=0)
     return out
+
+
+# Suites that need a service outside this repo: collected only when asked for by path (make test-server,
+# make test-slurm), so that `make test` and a plain `pytest` stay self-contained.
+SERVICE_SUITES = [Path(__file__).resolve().parent / name for name in ("server", "slurm")]
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path in SERVICE_SUITES:
+        asked = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+        return not any(a == collection_path or a.is_relative_to(collection_path) for a in asked)
+    return None

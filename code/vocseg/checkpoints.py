@@ -66,6 +66,10 @@ def check_model_state(model, state: dict, path) -> None:
 
 def resume(to_load: dict, path, env: str = "RESUME_FROM") -> dict:
     checkpoint = load_file(path, "checkpoint", env)
+    if "settings" in to_load:
+        to_load["settings"].source = path
+        if "settings" not in checkpoint:  # written before settings were recorded
+            to_load = {k: v for k, v in to_load.items() if k != "settings"}
     absent = [k for k in to_load if k not in checkpoint]
     if absent:
         raise UserError(f"checkpoint {path} lacks {', '.join(absent)}: resume from a training_checkpoint_*.pt file")
@@ -93,3 +97,40 @@ def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):
     from vocseg import clearml_session
 
     return clearml_session.fetch_model_weights(text)
+
+
+def newest_complete_checkpoint(folder):
+    """The newest ``training_checkpoint_<iteration>.pt`` in ``folder`` that loads, or None.
+
+    Saving is atomic (a temporary file renamed into place), so a checkpoint that does not load was damaged
+    afterwards (a full disk, a copy cut short): it is skipped with a warning, never resumed from.
+    """
+    import logging
+
+    found = sorted(Path(folder).glob("training_checkpoint_*.pt"),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1)
+    for path in reversed(found):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            logging.getLogger("vocseg").warning("skipping damaged checkpoint %s (%s)", path, type(exc).__name__)
+            continue
+        return path
+    return None
+
+
+class RunSettings:
+    """The settings that fix a run's schedule and data order, kept in its training checkpoints: resuming
+    with other values would continue a different run, so loading them compares and refuses."""
+
+    def __init__(self, settings: dict, fixes: str):
+        self.settings, self.fixes, self.source = dict(settings), fixes, None
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def load_state_dict(self, saved: dict) -> None:
+        differ = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in self.settings.items() if saved.get(k) != v]
+        if differ:
+            raise UserError(f"checkpoint {self.source} was written with other settings ({'; '.join(differ)}): "
+                            f"{self.fixes}")

@@ -92,8 +92,10 @@ class ClearMLTracker:
             self.clearml.report_image("summary", "summary.png", iteration=self.trainer.state.epoch,
                                       local_path=str(summary))
         self.clearml.flush()
-        if sys.exc_info()[1] is not None or self.trainer.state.nan_iteration is not None:
-            # Left open, ClearML's exit hook marks the task failed; closing it now would mark it completed.
+        state = self.trainer.state
+        if sys.exc_info()[1] is not None or state.nan_iteration is not None or getattr(state, "preempted", ""):
+            # Left open, ClearML's exit hook marks the task failed (or stopped); closing it now would mark it
+            # completed.
             if self.task.is_offline():
                 announce_offline_session(self.task.get_offline_mode_folder())
             return

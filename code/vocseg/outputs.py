@@ -17,13 +17,29 @@ def output_base() -> Path:
     return Path(os.environ.get("CLEARML_OUTPUT_PATH") or os.environ.get("OUTPUT_PATH") or "output")
 
 
+def run_name(config_path=None) -> str:
+    """The run's folder name: ``RUN_NAME`` (or the config's ``run_name``), else the identity a launcher gives
+    the run, so that a restarted or requeued run finds its own folder again; else a timestamp."""
+    from vocseg.config import peek_constant
+
+    given = os.environ.get("RUN_NAME") or (peek_constant(config_path, "run_name") if config_path else None)
+    if given:
+        return str(given)
+    if os.environ.get("SLURM_JOB_ID"):  # unchanged when the job is requeued
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun's default id is "none"
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if os.environ.get("CLEARML_TASK_ID"):  # under clearml-agent
+        return f"clearml-{os.environ['CLEARML_TASK_ID']}"
+    return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
 def make_output_dir(config_path) -> Path:
-    """``<base>/<config stem>/<timestamp>``, created by rank 0 and shared with the other ranks."""
+    """``<base>/<config stem>/<run name>``, created by rank 0 and shared with the other ranks."""
     path = None
     if idist.get_rank() == 0:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        path = (output_base() / Path(config_path).stem / stamp).resolve()
-        path.mkdir(parents=True, exist_ok=False)
+        path = (output_base() / Path(config_path).stem / run_name(config_path)).resolve()
+        path.mkdir(parents=True, exist_ok=True)
     if idist.get_world_size() > 1:
         path = Path(idist.broadcast(str(path) if path else "", src=0, safe_mode=True))
     return path

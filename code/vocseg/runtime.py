@@ -11,7 +11,9 @@ import datetime
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 
 import ignite.distributed as idist
 import numpy as np
@@ -33,11 +35,19 @@ def launch(config, one_rank) -> None:
             parallel.run(lambda local_rank: one_rank(source))
     except UserError as exc:
         exit_with(exc)
+    except Preempted as exc:
+        print(f"stopped: {exc}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 def distributed_backend():
-    """gloo on CPU, nccl on GPU, nothing for a plain single process."""
-    if "WORLD_SIZE" not in os.environ:
+    """gloo on CPU, nccl on GPU, nothing for a plain single process.
+
+    A process group is needed under torchrun / torch.distributed.launch (they set WORLD_SIZE) and under an
+    ``srun`` step of several tasks, where ignite reads the ranks and the rendezvous from the SLURM_* variables.
+    A batch script's own shell (no SLURM_STEP_NUM_TASKS) is one process.
+    """
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return None
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -120,3 +130,24 @@ def tune_cpu_allocator() -> bool:
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 64 << 20)
     return True
+
+
+# What a scheduler's warning signal asks for: a checkpoint at the next iteration boundary, then exit with
+# PREEMPTED_EXIT so that the launcher requeues the run (experiments/slurm/train.sbatch does).
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"
+_requested_stop = []
+
+
+class Preempted(Exception):
+    """The run stopped on request after saving a checkpoint it can continue from."""
+
+
+def catch_preemption_signal(signum=signal.SIGUSR1) -> None:
+    """SLURM's ``--signal=[B:]USR1@<seconds>`` warning (or ``scancel --signal=USR1``) asks the run to stop."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signum, lambda received, _frame: _requested_stop.append(signal.Signals(received).name))
+
+
+def stop_requested() -> str:
+    """The name of the signal that asked this process to stop, or ''."""
+    return _requested_stop[0] if _requested_stop else ""

@@ -6,6 +6,7 @@ validation, logging, tracking), resume if asked, run.
 
 import functools
 import logging
+import math
 import platform
 import sys
 from types import SimpleNamespace
@@ -18,7 +19,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from vocseg import outputs, runtime
-from vocseg.checkpoints import best_model_checkpointer, resume, training_checkpointer
+from vocseg.checkpoints import (RunSettings, best_model_checkpointer, newest_complete_checkpoint, resume,
+                                training_checkpointer)
 from vocseg.config import check_trainval, load_config, peek_constant
 from vocseg.engines import create_evaluator, create_trainer
 from vocseg.errors import UserError
@@ -58,6 +60,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     run = _build(config, config_path, seed)
     _log_header(run, config_path, output_dir)
     checkpointer = _attach_checkpoints(run, output_dir)
+    _attach_preemption(run)
     results = _attach_validation(run, output_dir)
     _attach_progress_logging(run)
     tb = outputs.setup_tensorboard(output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every) \
@@ -68,10 +71,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
                               optimizer=run.optimizer, model=run.model, best=run.best, logger=logger) \
         if tracker_factory else None
 
-    if config.get("resume_from"):
-        resume(run.to_save, config.resume_from)
-        logger.info("resumed from %s at iteration %d (epoch %d)", config.resume_from, run.trainer.state.iteration,
-                    run.trainer.state.epoch)
+    _resume(run, config.get("resume_from"), output_dir)
     try:
         run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
     finally:
@@ -82,6 +82,10 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
         if tracker is not None:
             tracker.close()  # after the summary: the tracker attaches summary.png
 
+    if run.trainer.state.preempted:
+        raise runtime.Preempted(f"{run.trainer.state.preempted}: stopped at iteration {run.trainer.state.iteration} "
+                                f"with checkpoint {output_dir / 'checkpoints' / checkpointer.last_checkpoint}; "
+                                f"a rerun with the same run folder continues from it")
     if run.trainer.state.nan_iteration is not None:
         good = checkpointer.last_checkpoint
         raise UserError(
@@ -143,10 +147,40 @@ def _build(config, config_path, seed: int) -> SimpleNamespace:
         config=config, device=device, amp=amp, model=model, optimizer=optimizer, trainer=trainer,
         evaluators=evaluators, train_loader=config.train_loader,
         loaders={"train_eval": config.train_eval_loader, "val": config.val_loader},
-        to_save={"trainer": trainer, "model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                 "scaler": trainer.scaler},
+        to_save={"settings": _run_settings(config, accumulation_steps), "trainer": trainer, "model": model,
+                 "optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": trainer.scaler},
+        accumulation_steps=accumulation_steps,
         num_epochs=int(config.num_epochs), val_interval=int(config.get("val_interval", 1)),
         save_every_iters=save_every_iters, log_every=int(config.get("log_every_iters", 10)), best=None)
+
+
+def _run_settings(config, accumulation_steps: int) -> RunSettings:
+    # What fixes the schedule and the data order: resuming under other values would be another run.
+    return RunSettings({"seed": config.get("seed"), "batch_size": config.get("batch_size"),
+                        "num_epochs": int(config.num_epochs), "accumulation_steps": accumulation_steps,
+                        "world_size": idist.get_world_size(), "iterations_per_epoch": len(config.train_loader)},
+                       fixes="restore the old settings to continue, or unset RESUME_FROM to start a new run")
+
+
+def _resume(run, resume_from, output_dir) -> None:
+    """From ``RESUME_FROM`` when given, else from the newest complete checkpoint already in the run folder
+    (a restarted, requeued or re-enqueued run finds its own folder again: outputs.run_name)."""
+    new_run = "unset RESUME_FROM to start a new run"
+    if not resume_from:
+        found = newest_complete_checkpoint(output_dir / "checkpoints") if idist.get_rank() == 0 else None
+        if idist.get_world_size() > 1:  # every rank resumes from the file rank 0 chose
+            found = idist.broadcast(str(found or ""), src=0, safe_mode=True) or None
+        if not found:
+            return
+        resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
+    run.to_save["settings"].fixes = f"restore the old settings to continue, or {new_run}"
+    resume(run.to_save, resume_from)
+    total = run.num_epochs * len(run.train_loader)
+    if run.trainer.state.iteration >= total:  # Ignite would silently start such a run again from iteration 1
+        raise UserError(f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
+                        f"{total}): nothing left to train; {new_run}")
+    log.info("continued from %s at iteration %d (epoch %d)", resume_from, run.trainer.state.iteration,
+             run.trainer.state.epoch)
 
 
 def _log_header(run, config_path, output_dir) -> None:
@@ -176,6 +210,29 @@ def _attach_checkpoints(run, output_dir):
         run.evaluators["val"].add_event_handler(Events.COMPLETED, EarlyStopping(
             int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"], trainer=run.trainer))
     return checkpointer
+
+
+def _attach_preemption(run) -> None:
+    """A stop signal (SLURM's warning before preemption or the time limit) ends the run at the next iteration
+    boundary where a checkpoint is exact: the COMPLETED checkpoint then saves it (``_attach_checkpoints``).
+
+    Never on an epoch's last iteration: its validation runs first, so a resumed run loses none. Ranks agree
+    through one all_reduce every ``log_every_iters`` iterations (a collective per step would stall GPUs).
+    """
+    runtime.catch_preemption_signal()
+    run.trainer.state.preempted = ""
+    every = math.lcm(run.accumulation_steps, 1 if idist.get_world_size() == 1 else run.log_every)
+
+    @run.trainer.on(Events.ITERATION_COMPLETED(every=every))
+    def _stop_if_asked(engine):
+        asked = runtime.stop_requested()
+        if idist.get_world_size() > 1 and idist.all_reduce(int(bool(asked)), op="MAX"):
+            asked = asked or "SIGUSR1 on another rank"
+        if asked and engine.state.iteration % engine.state.epoch_length and engine.state.nan_iteration is None:
+            log.warning("%s received: checkpoint at iteration %d, then exit %d for a requeue", asked,
+                        engine.state.iteration, runtime.PREEMPTED_EXIT)
+            engine.state.preempted = asked
+            engine.terminate()
 
 
 class _Results:
