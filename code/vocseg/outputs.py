@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 from datetime import datetime
 from pathlib import Path
 
@@ -27,8 +28,12 @@ def run_name(config_path=None) -> str:
         return str(given)
     if os.environ.get("SLURM_JOB_ID"):  # unchanged when the job is requeued
         return f"slurm-{os.environ['SLURM_JOB_ID']}"
-    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun's default id is "none"
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":  # --rdzv-id, or --standalone's own
         return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # torchrun's default id "none" names no run; its agent (this process's parent) is the same through
+        # every --max-restarts restart of the group, and rank 0's name is the one every rank uses.
+        return f"torchrun-{socket.gethostname()}-{os.getppid()}"
     if os.environ.get("CLEARML_TASK_ID"):  # under clearml-agent
         return f"clearml-{os.environ['CLEARML_TASK_ID']}"
     return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
