@@ -149,6 +149,23 @@ def _write_test_split(voc: Path, n_test: int, first: int, size, seed: int) -> No
     _write_split(voc / "ImageSets" / "Segmentation" / "test.txt", ids)
 
 
+def _assign_splits(rng, n_train: int, n_val: int):
+    """Image ids and their VOC / SBD splits: SBD re-annotates every 2nd VOC train and every 3rd VOC val image
+    and adds images of its own, a quarter of each group going to SBD val."""
+    n_sbd_only = max(2, n_train // 2)
+    total = n_train + n_val + n_sbd_only
+    all_ids = [_image_id(k) for k in range(total)]
+    order = rng.permutation(total)
+    voc_train = sorted(all_ids[k] for k in order[:n_train])
+    voc_val = sorted(all_ids[k] for k in order[n_train:n_train + n_val])
+    sbd_only = sorted(all_ids[k] for k in order[n_train + n_val:])
+    sbd_train, sbd_val = [], []
+    for group in (voc_train[::2], voc_val[::3], sbd_only):
+        for i, image_id in enumerate(group):
+            (sbd_val if i % 4 == 1 else sbd_train).append(image_id)
+    return all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val
+
+
 def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int = 0, n_test: int = 0) -> dict:
     """Write OUT/VOCdevkit/VOC2012 and OUT/SBD; return their paths and split sizes.
 
@@ -166,19 +183,9 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     if (out / "VOCdevkit").exists() or (out / "SBD").exists():
         raise UserError(f"{out} already holds VOCdevkit/ or SBD/; pick a new output folder or delete them")
 
-    rng = np.random.default_rng(seed)
-    n_sbd_only = max(2, n_train // 2)
-    total = n_train + n_val + n_sbd_only
-    all_ids = [_image_id(k) for k in range(total)]
-    order = rng.permutation(total)
-    voc_train = sorted(all_ids[k] for k in order[:n_train])
-    voc_val = sorted(all_ids[k] for k in order[n_train:n_train + n_val])
-    sbd_only = sorted(all_ids[k] for k in order[n_train + n_val:])
-
-    sbd_train, sbd_val = [], []
-    for group in (voc_train[::2], voc_val[::3], sbd_only):
-        for i, image_id in enumerate(group):
-            (sbd_val if i % 4 == 1 else sbd_train).append(image_id)
+    all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val = _assign_splits(np.random.default_rng(seed),
+                                                                                n_train, n_val)
+    total = len(all_ids)
 
     voc = out / "VOCdevkit" / "VOC2012"
     sbd = out / "SBD"
