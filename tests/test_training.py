@@ -64,7 +64,9 @@ def test_run_writes_every_output(trained):
     for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir)):
         assert needle in log
     checkpoint = torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)
-    assert set(checkpoint) == {"trainer", "model", "optimizer", "lr_scheduler", "scaler"}
+    assert set(checkpoint) == {"settings", "trainer", "model", "optimizer", "lr_scheduler", "scaler"}
+    assert checkpoint["settings"] == {"seed": 7, "batch_size": 4, "num_epochs": 2, "accumulation_steps": 1,
+                                      "world_size": 1, "iterations_per_epoch": 6}
     assert checkpoint["trainer"]["iteration"] == 12
 
 
