@@ -70,7 +70,7 @@ def test_stop_signal_checkpoints_and_a_rerun_continues_exactly(synthetic_voc, tm
 
     again = subprocess.run(TRAIN, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"continued from {run_dir / 'checkpoints' / saved[0]} at iteration" in again.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / saved[0]} at iteration" in again.stderr
 
     reference = subprocess.run(TRAIN, cwd=REPO, env={**env, "RUN_NAME": "reference"}, capture_output=True,
                                text=True, timeout=300)
@@ -94,10 +94,10 @@ def test_stop_signal_checkpoints_and_a_rerun_continues_exactly(synthetic_voc, tm
 
 @pytest.mark.slow
 def test_torchrun_restart_continues_from_the_last_checkpoint(synthetic_voc, tmp_path):
-    from test_distributed import TRAINING, finish, start, torchrun, workers
+    from test_distributed import TRAINING, finish, free_port, start, torchrun, workers
 
     env = make_env(synthetic_voc, tmp_path / "out", TINY_SAVE_EVERY=2)
-    (launcher,) = start([torchrun("--max-restarts=2", "--nproc_per_node=2", *TRAINING)], env)
+    (launcher,) = start([torchrun("--max-restarts=2", "--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING)], env)
     deadline = time.time() + 300
     while time.time() < deadline and launcher.poll() is None:
         if list((tmp_path / "out").glob("tiny/*/checkpoints/training_checkpoint_4.pt")):
@@ -110,9 +110,9 @@ def test_torchrun_restart_continues_from_the_last_checkpoint(synthetic_voc, tmp_
     assert codes == [0], text[-3000:]
     (run_dir,) = (tmp_path / "out" / "tiny").iterdir()  # one run folder, one metrics.json
     assert json.loads((run_dir / "metrics.json").read_text())["completed"]
-    assert re.search(r"continued from \S+training_checkpoint_\d+\.pt at iteration \d+", text), text[-3000:]
+    assert re.search(r"resumed from \S+training_checkpoint_\d+\.pt at iteration \d+", text), text[-3000:]
 
-    reference = subprocess.run(torchrun("--nproc_per_node=2", *TRAINING), cwd=REPO,
+    reference = subprocess.run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING), cwd=REPO,
                                env=make_env(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY=2), capture_output=True,
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]

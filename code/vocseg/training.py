@@ -179,7 +179,7 @@ def _resume(run, resume_from, output_dir) -> None:
     if run.trainer.state.iteration >= total:  # Ignite would silently start such a run again from iteration 1
         raise UserError(f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
                         f"{total}): nothing left to train; {new_run}")
-    log.info("continued from %s at iteration %d (epoch %d)", resume_from, run.trainer.state.iteration,
+    log.info("resumed from %s at iteration %d (epoch %d)", resume_from, run.trainer.state.iteration,
              run.trainer.state.epoch)
 
 

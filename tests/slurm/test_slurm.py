@@ -81,7 +81,7 @@ def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupt
     assert f"job {job} run 0:" in text and f"job {job} run 1:" in text  # SLURM_RESTART_COUNT 0, then 1
     stopped_at = int(text.split("SIGUSR1 received: checkpoint at iteration ")[1].split(",")[0])
     assert 2 <= stopped_at < 12 and stopped_at != 6  # mid-run, never at an epoch's end
-    assert f"continued from {tmp_path / 'job'}/tiny/slurm-{job}/checkpoints/training_checkpoint_{stopped_at}.pt" \
+    assert f"resumed from {tmp_path / 'job'}/tiny/slurm-{job}/checkpoints/training_checkpoint_{stopped_at}.pt" \
         f" at iteration {stopped_at}" in text
 
     reference = subprocess.run(TRAIN, cwd=ROOT, env=env_for(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY="100"),
