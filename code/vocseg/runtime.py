@@ -66,8 +66,11 @@ def _interrupt(signum, _frame) -> None:
 
 def stop_on_signals() -> None:
     """SIGTERM and SIGINT raise Interrupted in the main thread (Python's default for SIGTERM is to die on the
-    spot: no message, and DataLoader workers left running until they notice)."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    spot: no message, and DataLoader workers left running until they notice).
+
+    Not SIGTERM in a process group: a Python handler runs only between bytecodes, and a rank blocked in a
+    collective or a store wait (its peer gone) would then never end on torchrun's or a user's SIGTERM."""
+    for signum in (signal.SIGINT,) if distributed_backend() else (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _interrupt)
 
 
