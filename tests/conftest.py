@@ -29,3 +29,11 @@ def pytest_ignore_collect(collection_path, config):
         asked = [Path(arg.split("::")[0]).resolve() for arg in config.args]
         return not any(a == collection_path or a.is_relative_to(collection_path) for a in asked)
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sample_check_cache(tmp_path_factory):
+    """Runs started by the tests (and their subprocesses) remember passed sample checks here, not in ~/.cache."""
+    import os
+
+    os.environ["VOCSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("vocseg_cache"))

@@ -70,3 +70,10 @@ def test_startup_exit():
         assert 0 < timings["command_to_first_iteration_s"] < timings["total_s"]
         assert 0 < timings["last_iteration_to_exit_s"] < timings["total_s"]
     assert result["runs"]["clearml"][0]["offline_session"] is True
+
+
+def test_sample_check():  # ~5 s
+    (result,), _ = run("sample_check.py", "--tiny")
+    check(result, "sample_check", ["samples", "s_per_1000", "cached_s_per_1000", "voc_sbd_12031_s", "command"])
+    assert result["samples"]["voc"] == 8 and result["samples"]["sbd"] > 0
+    assert all(v > 0 for v in result["s_per_1000"].values())

@@ -7,21 +7,41 @@ from pathlib import Path
 import torch
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
+from vocseg import runtime
 from vocseg.errors import UserError
 
 _MODEL_ID = re.compile(r"[0-9a-f]{32}")
 
 
+class SaveThenRemove(DiskSaver):
+    """Ignite's Checkpoint deletes the oldest file before it writes the new one, so a kill during a write would
+    leave a single checkpoint. Deleting after the write keeps ``n_saved`` complete files at every moment
+    (one more while writing). atomic=True writes a temporary file and renames it: no half-written checkpoint.
+    SIGTERM / Ctrl-C take effect once the write is over (runtime.uninterrupted)."""
+
+    def __init__(self, dirname):
+        super().__init__(dirname, require_empty=False, atomic=True)
+        self._stale = []
+
+    def remove(self, filename: str) -> None:
+        self._stale.append(filename)
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        with runtime.uninterrupted():
+            super().__call__(checkpoint, filename, metadata)
+            for name in self._stale:
+                if name != filename:  # Ignite "removes" a file it is about to write again (the last iteration)
+                    super().remove(name)
+            self._stale.clear()
+
+
 def training_checkpointer(to_save: dict, dirname, n_saved: int = 2) -> Checkpoint:
-    # atomic=True writes to a temporary file and renames it: a kill -9 mid-save leaves the previous
-    # checkpoints intact and no half-written file behind.
-    return Checkpoint(to_save, DiskSaver(dirname, require_empty=False, atomic=True), filename_prefix="training",
-                      n_saved=n_saved)
+    return Checkpoint(to_save, SaveThenRemove(dirname), filename_prefix="training", n_saved=n_saved)
 
 
 def best_model_checkpointer(model, dirname, trainer, metric: str = "mIoU", n_saved: int = 2) -> Checkpoint:
     return Checkpoint(
-        {"model": model}, DiskSaver(dirname, require_empty=False, atomic=True), filename_prefix="best",
+        {"model": model}, SaveThenRemove(dirname), filename_prefix="best",
         n_saved=n_saved, score_function=Checkpoint.get_default_score_fn(metric), score_name=f"val_{metric}",
         global_step_transform=global_step_from_engine(trainer),
     )
@@ -29,6 +49,10 @@ def best_model_checkpointer(model, dirname, trainer, metric: str = "mIoU", n_sav
 
 def load_file(path, what: str, env: str):
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.pt"), key=lambda p: p.stat().st_mtime)
+        example = found[-1] if found else path / "checkpoints" / "training_checkpoint_<iteration>.pt"
+        raise UserError(f"{env}={path} is a folder: set {env} to a checkpoint file in it, e.g. {env}={example}")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: fix {env} (or unset it)")
     try:
@@ -89,8 +113,8 @@ def load_weights(model, path, env: str = "WEIGHTS_PATH") -> None:
 def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):
     """A local path unchanged; a ClearML model id (32 hex characters) -> the local copy of its weights."""
     if not weights_path:
-        raise UserError(f"weights_path is empty: set {env}=/path/to/best_model.pt (or a ClearML model id) "
-                        "or weights_path in the config")
+        raise UserError(f"{env} is not set and the config's weights_path is empty: set {env}=/path/to/best_model.pt "
+                        "(or a ClearML model id), or weights_path in the config")
     text = str(weights_path).strip()
     if not _MODEL_ID.fullmatch(text) or Path(text).exists():
         return weights_path

@@ -106,3 +106,61 @@ def peek_constant(path, name: str, mutations: Optional[Mapping] = None, default=
     if mutations and name in mutations:
         return mutations[name]
     return literal_constants(path).get(name, default)
+
+
+def _integer(minimum):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _one_of(*choices):
+    return lambda v: any(v == c and type(v) is type(c) for c in choices)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _positive_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+# Run-control keys -> (check, the allowed values as the error states them). Checked on the literal constants
+# before the config runs (a bad seed or batch_size fails before any model or dataset is built) and again on
+# the loaded config (values computed in the file). A key the config does not define keeps its default.
+RUN_CONTROLS = {
+    "seed": (_integer(0), "an integer >= 0"),
+    "num_epochs": (_integer(1), "an integer >= 1"),
+    "batch_size": (_integer(1), "an integer >= 1 (the total over all processes)"),
+    "accumulation_steps": (_integer(1), "an integer >= 1"),
+    "val_interval": (_integer(1), "an integer >= 1 (epochs between validations)"),
+    "save_every_iters": (_integer(1), "an integer >= 1 (iterations between checkpoints)"),
+    "log_every_iters": (_integer(1), "an integer >= 1"),
+    "es_patience": (_optional(_integer(1)), "None (no early stopping) or an integer >= 1"),
+    "num_workers": (_integer(0), "an integer >= 0"),
+    "crop_size": (_integer(1), "an integer >= 1"),
+    "val_pad_size": (_integer(1), "an integer >= 1"),
+    "num_classes": (_integer(2), "an integer >= 2"),
+    "amp": (_one_of("auto", "bf16", "fp16", "off"), "'auto', 'bf16', 'fp16' or 'off'"),
+    "sync_bn": (_one_of(True, False), "True or False"),
+    "dist_timeout": (_optional(_positive_number), "None or a number of seconds > 0"),
+    "tta_flip": (_one_of(True, False), "True or False"),
+    "save_predictions": (_one_of(True, False), "True or False"),
+    "tta_scales": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_number, v)),
+                   "a non-empty tuple of numbers > 0, e.g. (1.0,)"),
+}
+
+
+def check_run_controls(values: Mapping, path) -> None:
+    """Raise a UserError for the first run-control key of ``values`` whose value is not allowed."""
+    for key, (allowed, description) in RUN_CONTROLS.items():
+        if key in values and not allowed(values[key]):
+            raise UserError(f"config {path}: {key} = {values[key]!r} is not allowed: set {key} to {description}")
+
+
+def check_constants(path, mutations: Optional[Mapping] = None) -> None:
+    """The run controls written as literals in the config file (or given as mutations), before it runs."""
+    check_run_controls({**literal_constants(path), **(mutations or {})}, path)
+
+
+def check_loaded(config: ConfigObject, path) -> None:
+    check_run_controls({key: config[key] for key in RUN_CONTROLS if key in config}, path)

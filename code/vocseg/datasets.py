@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import scipy.io
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vocseg.errors import UserError
@@ -55,6 +56,11 @@ def read_split(path: Path) -> list[str]:
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f"split file {path} lists no ids; restore it from the dataset archive")
+    if len(set(ids)) < len(ids):
+        # Twice listed = twice trained on or scored, silently: val mIoU would weigh that image double.
+        seen = set()
+        repeated = next(i for i in ids if i in seen or seen.add(i))
+        raise UserError(f"split file {path} lists id {repeated} more than once; delete the repeated line(s)")
     return ids
 
 
@@ -64,18 +70,42 @@ def _require_files(split_file: Path, image_id: str, *paths: Path) -> None:
             raise UserError(f"split file {split_file} lists id {image_id} but {path} does not exist")
 
 
+def _unreadable_image(path) -> UserError:
+    return UserError(f"cannot read image {path}: missing, truncated or not an image; replace the file")
+
+
+def _truncated_jpeg(head: bytes, tail: bytes) -> bool:
+    # libjpeg decodes a cut-off JPEG as grey with only a warning, so look for its end marker;
+    # the marker cannot occur inside compressed data, and the slack allows for trailing padding.
+    return head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail[-1024:]
+
+
 def read_image(path) -> np.ndarray:
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError:
         data = np.empty(0, np.uint8)
-    # libjpeg decodes a cut-off JPEG as grey with only a warning, so look for its end marker;
-    # the marker cannot occur inside compressed data, and the slack allows for trailing padding.
-    truncated = data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:].tobytes()
+    truncated = _truncated_jpeg(data[:2].tobytes(), data[-1024:].tobytes())
     image = None if truncated or not data.size else cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
-        raise UserError(f"cannot read image {path}: missing, truncated or not an image; replace the file")
+        raise _unreadable_image(path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) from the file's header, after read_image's truncation check, without decoding."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+            tail = f.read()
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError):  # PIL's ways of saying "not an image"
+        raise _unreadable_image(path) from None
+    if _truncated_jpeg(head, tail):
+        raise _unreadable_image(path)
+    return height, width
 
 
 def read_sbd_mask(path) -> np.ndarray:
@@ -110,17 +140,29 @@ class _SegmentationFiles(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict:
-        image_path, mask_path = self.image_paths[index], self.mask_paths[index]
-        image = read_image(image_path)
-        raw = read_mask(mask_path) if self.sources[index] == "voc" else read_sbd_mask(mask_path)
-        mask = check_mask_values(raw, mask_path)
-        if image.shape[:2] != mask.shape:
+    def _mask(self, index: int) -> np.ndarray:
+        path = self.mask_paths[index]
+        return check_mask_values(read_mask(path) if self.sources[index] == "voc" else read_sbd_mask(path), path)
+
+    def _check_sizes(self, index: int, image_hw, mask_hw) -> None:
+        if tuple(image_hw) != tuple(mask_hw):
             raise UserError(
-                f"image {image_path} is {image.shape[1]}x{image.shape[0]} but mask {mask_path} is "
-                f"{mask.shape[1]}x{mask.shape[0]} (WxH); they must match"
+                f"image {self.image_paths[index]} is {image_hw[1]}x{image_hw[0]} but mask {self.mask_paths[index]} "
+                f"is {mask_hw[1]}x{mask_hw[0]} (WxH); they must match"
             )
+
+    def __getitem__(self, index: int) -> dict:
+        image = read_image(self.image_paths[index])
+        mask = self._mask(index)
+        self._check_sizes(index, image.shape[:2], mask.shape)
         return {"image": image, "mask": mask, "id": self.ids[index]}
+
+    def check(self, index: int) -> tuple[int, int]:
+        """What drawing sample ``index`` would reject, found without decoding its image (header, end marker,
+        the whole mask); returns its (height, width)."""
+        size = image_size(self.image_paths[index])
+        self._check_sizes(index, size, self._mask(index).shape)
+        return size
 
 
 def _voc_files(voc: Path, image_id: str) -> tuple[Path, Path]:

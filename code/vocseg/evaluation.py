@@ -8,9 +8,9 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 
-from vocseg import outputs, runtime
+from vocseg import outputs, runtime, sample_check
 from vocseg.checkpoints import load_weights, resolve_weights
-from vocseg.config import check_inference, load_config, peek_constant
+from vocseg.config import check_constants, check_inference, check_loaded, load_config, peek_constant
 from vocseg.engines import create_evaluator
 from vocseg.metrics import scalar_metrics
 from vocseg.voc import VOC_CLASSES, save_palette_png
@@ -27,6 +27,7 @@ def _evaluate_one_rank(source) -> None:
     from vocseg import clearml_reports, clearml_session
 
     factory = None
+    outputs.check_output_base()
     if clearml_session.enabled() and idist.get_rank() == 0:
         task = clearml_session.init_task(source.config_path, "testing", source.script_path)
         factory = functools.partial(clearml_reports.EvaluationReport, task)
@@ -41,15 +42,20 @@ def _save_predictions(evaluator, folder: Path) -> None:
 
 
 def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
+    check_constants(config_path, mutations)
     runtime.seed_everything(int(peek_constant(config_path, "seed", mutations, default=0)))
     config = load_config(config_path, mutations)
+    weights_path = resolve_weights(config.get("weights_path"))  # before the schema check: it names what to set
     check_inference(config)
+    check_loaded(config, config_path)
+    checked = sample_check.check_loaders({"data_loader": config.data_loader})
     output_dir = outputs.make_output_dir(config_path)
     logger = runtime.setup_logging(output_dir)
+    logger.info("before evaluation: %s", checked)
     device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
 
     model = config.model
-    load_weights(model, resolve_weights(config.weights_path))
+    load_weights(model, weights_path)
     model = model.to(device)
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
     evaluator = create_evaluator(model, device=device, amp=config.get("amp", "auto"), flip=flip, scales=scales,

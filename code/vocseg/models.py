@@ -14,6 +14,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models import segmentation as seg
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 
+from vocseg.checkpoints import load_file
 from vocseg.errors import UserError
 from vocseg.voc import NUM_CLASSES
 
@@ -63,7 +64,7 @@ def _load_backbone_file(model: nn.Module, path: str, backbone_name: str) -> None
     file = Path(path)
     if not file.is_file():
         raise UserError(f"PRETRAINED_BACKBONE={path} does not exist: point it at an ImageNet backbone .pth or unset it")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_file(file, "PRETRAINED_BACKBONE file", "PRETRAINED_BACKBONE")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     # ImageNet checkpoints carry a classifier ('fc.*' / 'classifier.*') that the segmentation backbone lacks.
     backbone_keys = set(model.backbone.state_dict())

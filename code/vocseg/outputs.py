@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -12,10 +13,34 @@ from ignite.engine import Events
 from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
 
+from vocseg.errors import UserError
+
 
 def output_base() -> Path:
     # CLEARML_OUTPUT_PATH switches tracking on and also moves local outputs there, as in the spec.
     return Path(os.environ.get("CLEARML_OUTPUT_PATH") or os.environ.get("OUTPUT_PATH") or "output")
+
+
+def _unwritable(base: Path, exc: OSError) -> UserError:
+    name = "CLEARML_OUTPUT_PATH" if os.environ.get("CLEARML_OUTPUT_PATH") else "OUTPUT_PATH"
+    given = f"{name}={os.environ[name]}" if os.environ.get(name) else f"the default output folder {base.resolve()}"
+    reason = exc.strerror or type(exc).__name__
+    return UserError(f"{given} cannot hold the run's outputs ({reason}: {exc.filename or base}): "
+                     f"set {name} to a writable folder")
+
+
+def check_output_base() -> Path:
+    """Before any work, and creating nothing: the output folder, or the folder it would be created in, takes files."""
+    base = output_base().resolve()
+    existing = next(p for p in (base, *base.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise _unwritable(base, exc) from None
+    return base
 
 
 def run_name(config_path=None) -> str:
@@ -44,7 +69,10 @@ def make_output_dir(config_path) -> Path:
     path = None
     if idist.get_rank() == 0:
         path = (output_base() / Path(config_path).stem / run_name(config_path)).resolve()
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(output_base(), exc) from None
     if idist.get_world_size() > 1:
         path = Path(idist.broadcast(str(path) if path else "", src=0, safe_mode=True))
     return path

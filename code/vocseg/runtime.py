@@ -30,6 +30,7 @@ def launch(config, one_rank) -> None:
     """Runs ``one_rank(source)`` (a ``config.ConfigSource``) in every process however they were started
     (python, torchrun, torch.distributed.launch); bad input ends the run with one line and a non-zero exit."""
     source = config_source(config)
+    stop_on_signals()
     try:
         with parallel_context(source.config_path) as parallel:
             parallel.run(lambda local_rank: one_rank(source))
@@ -38,6 +39,55 @@ def launch(config, one_rank) -> None:
     except Preempted as exc:
         print(f"stopped: {exc}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT)
+    except Interrupted as exc:
+        exit_with(exc, 128 + exc.signum)  # the shell's convention: 143 after SIGTERM, 130 after Ctrl-C
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (schedulers, clearml-agent, torchrun stopping a job) or Ctrl-C, raised where the main thread was.
+
+    A KeyboardInterrupt, so that DataLoader workers, which inherit the handler, exit quietly as they do on
+    Ctrl-C; the message is what the user reads last (training adds the checkpoint to resume from)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_signals = {"writing": False, "pending": None}
+
+
+def _interrupt(signum, _frame) -> None:
+    if _signals["writing"]:
+        _signals["pending"] = signum
+        return
+    raise Interrupted(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise Interrupted in the main thread (Python's default for SIGTERM is to die on the
+    spot: no message, and DataLoader workers left running until they notice).
+
+    Not SIGTERM in a process group: a Python handler runs only between bytecodes, and a rank blocked in a
+    collective or a store wait (its peer gone) would then never end on torchrun's or a user's SIGTERM."""
+    for signum in (signal.SIGINT,) if distributed_backend() else (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _interrupt)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """SIGTERM / Ctrl-C arriving inside this block (a checkpoint write) take effect when it ends."""
+    if _signals["writing"]:
+        yield
+        return
+    _signals["writing"] = True
+    try:
+        yield
+    finally:
+        _signals["writing"], signum = False, _signals["pending"]
+        _signals["pending"] = None
+        if signum is not None:
+            raise Interrupted(signum)
 
 
 def distributed_backend():
@@ -103,7 +153,14 @@ def setup_logging(output_dir):
         handler.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(record, "all_ranks", False))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    # Ignite logs every exception that ends an engine before re-raising it (twice when validation fails inside
+    # training); the script prints that exception as its last line, so the copies only bury it.
+    logging.getLogger("ignite.engine.engine.Engine").addFilter(_not_an_exception_copy)
     return logger
+
+
+def _not_an_exception_copy(record) -> bool:
+    return "terminating due to exception" not in record.getMessage()
 
 
 def seed_everything(seed: int) -> None:

@@ -18,10 +18,10 @@ import torchvision
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
-from vocseg import outputs, runtime
+from vocseg import outputs, runtime, sample_check
 from vocseg.checkpoints import (RunSettings, best_model_checkpointer, newest_complete_checkpoint, resume,
                                 training_checkpointer)
-from vocseg.config import check_trainval, load_config, peek_constant
+from vocseg.config import check_constants, check_loaded, check_trainval, load_config, peek_constant
 from vocseg.engines import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.metrics import scalar_metrics
@@ -40,6 +40,7 @@ def _train_one_rank(source) -> None:
     from vocseg import clearml_reports, clearml_session
 
     mutations, tracker_factory = dict(source.mutations), None
+    outputs.check_output_base()
     if clearml_session.enabled():
         # ClearML first: the task may enqueue itself, or carry a clone's edited hyperparameters.
         task, edits = clearml_session.prepare(source.config_path, source.script_path)
@@ -50,12 +51,17 @@ def _train_one_rank(source) -> None:
 
 def train(config_path, script_path=None, mutations=None, tracker_factory=None) -> dict:
     """Runs one training process (one rank). Returns the final metrics (rank 0 writes them too)."""
+    check_constants(config_path, mutations)
     seed = int(peek_constant(config_path, "seed", mutations, default=0))
     runtime.seed_everything(seed)  # before the config builds its model
     config = load_config(config_path, mutations)
     check_trainval(config)
+    check_loaded(config, config_path)
+    checked = sample_check.check_loaders({"train": config.train_loader, "val": config.val_loader,
+                                          "train_eval": config.get("train_eval_loader")})
     output_dir = outputs.make_output_dir(config_path)
     logger = runtime.setup_logging(output_dir)
+    logger.info("before training: %s", checked)
 
     run = _build(config, config_path, seed)
     _log_header(run, config_path, output_dir)
@@ -71,9 +77,11 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
                               optimizer=run.optimizer, model=run.model, best=run.best, logger=logger) \
         if tracker_factory else None
 
-    _resume(run, config.get("resume_from"), output_dir)
+    resumed_from = _resume(run, config.get("resume_from"), output_dir)
     try:
         run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
+    except runtime.Interrupted as exc:
+        raise _how_to_continue(exc, run, checkpointer, resumed_from) from None
     finally:
         if tb is not None:
             tb.close()
@@ -105,6 +113,16 @@ def _write_summary(output_dir) -> None:
         log.warning("summary.png not written: %s: %s", type(exc).__name__, exc)
         return
     log.info("summary %s | curves: tensorboard --logdir %s", path, output_dir / "tb")
+
+
+def _how_to_continue(exc, run, checkpointer, resumed_from) -> runtime.Interrupted:
+    last = checkpointer.last_checkpoint or resumed_from
+    state = run.trainer.state
+    where = f"{exc} at iteration {state.iteration} (epoch {state.epoch})"
+    if not last:
+        return runtime.Interrupted(exc.signum, f"{where} before its first checkpoint (every {run.save_every_iters} "
+                                               "iterations): rerun to start again")
+    return runtime.Interrupted(exc.signum, f"{where}; last checkpoint {last}: continue with RESUME_FROM={last}")
 
 
 def _device(config, config_path) -> torch.device:
@@ -162,16 +180,17 @@ def _run_settings(config, accumulation_steps: int) -> RunSettings:
                        fixes="restore the old settings to continue, or unset RESUME_FROM to start a new run")
 
 
-def _resume(run, resume_from, output_dir) -> None:
+def _resume(run, resume_from, output_dir):
     """From ``RESUME_FROM`` when given, else from the newest complete checkpoint already in the run folder
-    (a restarted, requeued or re-enqueued run finds its own folder again: outputs.run_name)."""
+    (a restarted, requeued or re-enqueued run finds its own folder again: outputs.run_name). Returns the
+    checkpoint it continued from, or None."""
     new_run = "unset RESUME_FROM to start a new run"
     if not resume_from:
         found = newest_complete_checkpoint(output_dir / "checkpoints") if idist.get_rank() == 0 else None
         if idist.get_world_size() > 1:  # every rank resumes from the file rank 0 chose
             found = idist.broadcast(str(found or ""), src=0, safe_mode=True) or None
         if not found:
-            return
+            return None
         resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
     run.to_save["settings"].fixes = f"restore the old settings to continue, or {new_run}"
     resume(run.to_save, resume_from)
@@ -181,6 +200,7 @@ def _resume(run, resume_from, output_dir) -> None:
                         f"{total}): nothing left to train; {new_run}")
     log.info("resumed from %s at iteration %d (epoch %d)", resume_from, run.trainer.state.iteration,
              run.trainer.state.epoch)
+    return resume_from
 
 
 def _log_header(run, config_path, output_dir) -> None:
