@@ -1,8 +1,10 @@
 """Helpers of the online suite: start processes like a user does, read what the server stored."""
 
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +62,34 @@ def iterations_of(events) -> dict:
     for metric, variant, iteration, _ in events:
         at.setdefault((metric, variant), []).append(iteration)
     return {key: sorted(its) for key, its in at.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_execute(task_id, env, cwd, timeout=420):
+    """`clearml-agent execute --id`: the agent clones the task's repository and runs its entry point."""
+    return run([AGENT, "execute", "--id", task_id], env, cwd, timeout)
+
+
+def clone_of(task_id, name, **edits):
+    """A draft copy of a task with `Config/<name>` hyperparameters edited, as done in the web UI."""
+    from clearml import Task
+
+    clone = Task.clone(source_task=task_id, name=name)
+    if edits:
+        clone.set_parameters({f"Config/{k}": v for k, v in edits.items()})
+    return clone
+
+
+def wait_for_status(task, wanted=("completed", "failed", "stopped"), timeout=420.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = task.get_status()
+        if status in wanted:
+            return status
+        time.sleep(2)
+    return task.get_status()
