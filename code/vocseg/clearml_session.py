@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 
 import ignite.distributed as idist
 
+from vocseg.checkout import find_checkout
 from vocseg.config import literal_constants, peek_constant
 from vocseg.errors import UserError, one_line
 
@@ -194,8 +195,9 @@ def _tune_sdk() -> None:
 # The task.
 
 
-def _entry_point(config_path, script_path) -> dict:
-    """What an agent runs again: ``python -m py_config_runner SCRIPT CONFIG`` from the repository root."""
+def _entry_point(config_path, script_path, root: Optional[Path] = None) -> dict:
+    """What an agent runs again: ``python -m py_config_runner SCRIPT CONFIG`` from the same folder of its clone
+    (the working directory relative to the checkout's root)."""
     cwd = Path.cwd().resolve()
 
     def rel(p):
@@ -203,7 +205,8 @@ def _entry_point(config_path, script_path) -> dict:
         return p.relative_to(cwd).as_posix() if p.is_relative_to(cwd) else p.as_posix()
 
     args = [rel(script_path)] if script_path else []
-    return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": "."}
+    working_dir = cwd.relative_to(root.resolve()).as_posix() if root and cwd.is_relative_to(root.resolve()) else "."
+    return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": working_dir}
 
 
 def init_task(config_path, task_type: str = "training", script_path=None, need_server: Optional[str] = None):
@@ -241,10 +244,17 @@ def _record_how_to_rerun(task, config_path, script_path) -> None:
     # (ClearML's import scan sees only the module that called Task.init and finds clearml alone).
     if _REQUIREMENTS.is_file():
         task.set_packages([*_REQUIREMENTS.read_text().splitlines(), "-e ."])
-    # ClearML derives the entry point from the file that called Task.init (or py_config_runner's
-    # __main__ in site-packages); record the command line that was really run.
-    task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}",
-                    **_entry_point(config_path, script_path))
+    # ClearML derives the repository and entry point from the file that called Task.init: py_config_runner's
+    # __main__ in site-packages, wherever the venv lives. Record the working directory's checkout (it holds
+    # the script and the config) and the command line that was really run.
+    found = find_checkout(Path.cwd())
+    if found is None or not found.repository:
+        say(f"{Path.cwd()} is {'not inside a git checkout' if found is None else 'a git checkout without a remote'}"
+            f": the task records no repository, so clones of it cannot be run by an agent")
+    repo = dict(repository=found.repository, branch=found.branch, commit=found.commit, diff=found.diff) \
+        if found else dict(repository="", branch="", commit="", diff="")
+    task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}", **repo,
+                    **_entry_point(config_path, script_path, found and found.root))
 
 
 def finish(task) -> None:
