@@ -15,7 +15,6 @@ loses nothing (import it once the server is back). What cannot work offline -- e
 What a run reports to its task is in ``clearml_reports``.
 """
 
-import json
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ from vocseg.errors import UserError, one_line
 
 PROJECT = "Pascal-VOC12 Training"
 SECTION = "Config"  # hyperparameter section holding the config's constants
+CONFIG_OBJECT = "config"  # configuration object holding the config file's text
 PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
 _IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
@@ -105,16 +105,6 @@ def config_overrides(original: Mapping, edited: Mapping) -> dict:
     return overrides
 
 
-def edited_overrides(task, original: Mapping) -> dict:
-    """Under an agent: the hyperparameters as (possibly) edited in the UI -> mutations for load_config."""
-    edited = task.get_parameters_as_dict().get(SECTION, {})
-    overrides = config_overrides(original, edited)
-    if overrides:
-        say("hyperparameters edited in the task override the config: "
-            + ", ".join(f"{k}={v!r} (was {original[k]!r})" for k, v in sorted(overrides.items())))
-    return overrides
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Online / offline.
 
@@ -153,6 +143,7 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
     from ignite.handlers.clearml_logger import ClearMLLogger
 
     if running_under_agent():
+        ClearMLLogger.set_bypass_mode(False)  # see below
         return False
     reason, offline = None, True
     if os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -232,7 +223,8 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
                         f"(or unset CLEARML_OUTPUT_PATH to train untracked)") from None
     if task.running_locally():
         _record_how_to_rerun(task, config_path, script_path)
-    task.connect_configuration(Path(config_path), name="config", description="the py_config_runner config file")
+    # Under an agent this hands back the (possibly edited) text; clone_edits has already applied it.
+    task.connect_configuration(Path(config_path), name=CONFIG_OBJECT, description="the py_config_runner config file")
     task.upload_artifact("config", artifact_object=Path(config_path), wait_on_upload=False)
     if script_path:
         task.upload_artifact("script", artifact_object=Path(script_path), wait_on_upload=False)
@@ -272,36 +264,52 @@ def announce_offline_session(folder) -> None:
         f"  python {script} {archive}")
 
 
+def requested_queue(config_path) -> Optional[str]:
+    """The queue this run is to be sent to instead of training here (never under an agent)."""
+    if running_under_agent():
+        return None
+    return os.environ.get("CLEARML_QUEUE") or peek_constant(config_path, "clearml_queue")
+
+
+def set_docker(task, config_path) -> None:
+    """``clearml_docker_image`` (config) or CLEARML_DOCKER_IMAGE: the container an agent started with
+    ``--docker`` runs this task (and its clones) in. DataLoader workers pass batches through shared memory,
+    which Docker limits to 64 MB by default: hence ``--ipc=host`` unless other arguments are given."""
+    image = os.environ.get("CLEARML_DOCKER_IMAGE") or peek_constant(config_path, "clearml_docker_image")
+    if not image:
+        return
+    arguments = os.environ.get("CLEARML_DOCKER_ARGUMENTS") or peek_constant(config_path, "clearml_docker_arguments",
+                                                                            default="--ipc=host")
+    task.set_base_docker(docker_image=str(image), docker_arguments=str(arguments))
+    say(f"agents started with --docker run this task in {image} ({arguments})")
+
+
 def prepare(config_path, script_path):
-    """``(task, mutations)`` for a tracked training run: rank 0's task (None on the other ranks) and a clone's
-    edited hyperparameters as config mutations (the same on every rank). Enqueues the run instead, and exits,
-    when a queue is requested."""
-    queue = None if running_under_agent() else os.environ.get("CLEARML_QUEUE") or peek_constant(config_path,
-                                                                                                "clearml_queue")
+    """Rank 0's task of a tracked training run (None on the other ranks). Enqueues the run instead, and
+    exits, when a queue is requested. A clone's edits are already in ``config_path`` and the mutations
+    (``clone_edits``, applied before the processes start)."""
+    queue = requested_queue(config_path)
     if queue and idist.get_world_size() > 1:
         raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
                         "(python -m py_config_runner ...), not with torchrun")
-    task, mutations, error = None, {}, None
+    task, error = None, None
     if idist.get_rank() == 0:
         try:
             task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}")
-            constants = config_constants(config_path)
             if task.running_locally():
-                task.connect(dict(constants), name=SECTION)
+                task.connect(config_constants(config_path), name=SECTION)
+                set_docker(task, config_path)
                 if queue:
                     say(f"enqueueing the task in queue {queue!r}; this process exits")
                     task.execute_remotely(queue_name=queue, exit_process=True)
-            else:
-                mutations = edited_overrides(task, constants)
         except UserError as exc:
             error = str(exc)
     if idist.get_world_size() > 1:
-        # The other ranks must build the same config, and must not wait forever when rank 0 gave up.
-        error, mutations = json.loads(idist.broadcast(json.dumps([error, mutations]) if idist.get_rank() == 0
-                                                      else "", src=0, safe_mode=True))
+        # The other ranks must not wait forever when rank 0 gave up.
+        error = idist.broadcast(error or "", src=0, safe_mode=True)
     if error:
         raise UserError(error)
-    return task, mutations
+    return task
 
 
 def fetch_model_weights(model_id: str) -> str:
