@@ -1,4 +1,4 @@
-"""The ClearML session of a run: online or offline, the task, how an agent reruns it, a clone's edits, enqueueing.
+"""The ClearML session of a run: online or offline, the task, how an agent reruns it, enqueueing, Docker settings.
 
 ``export CLEARML_OUTPUT_PATH=...`` switches it on (a run under ``clearml-agent`` always has it on).
 
@@ -12,7 +12,8 @@ warning rather than fail: a training run is worth more than its live dashboard, 
 loses nothing (import it once the server is back). What cannot work offline -- enqueueing with
 ``CLEARML_QUEUE``, importing a session, fetching a model by id -- fails with a one-line UserError instead.
 
-What a run reports to its task is in ``clearml_reports``.
+What a run reports to its task is in ``clearml_reports``; a clone's edits, read under an agent before the
+processes start, in ``clone_edits``.
 """
 
 import os
