@@ -1,4 +1,5 @@
-# make install: create/update .venv | make test: run the whole suite | make demo: synthetic data + quickstart
+# make install: create/update .venv | make test: the self-contained suite | make demo: synthetic data + quickstart
+# make test-server: the online suite against the ClearML server named by CLEARML_CONFIG_FILE or CLEARML_API_*
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ DEMO_DATA := data/synthetic
 # Where the demo's run folder goes (shell syntax: expanded by each recipe line).
 DEMO_OUT := $${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml}
 
-.PHONY: install install-test test test-slurm demo bench clean
+.PHONY: install install-test test test-slurm test-server demo bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,11 @@ test: install-test
 # The SLURM suite, against the cluster sinfo reaches (.ci/run starts ../shared/slurm-local).
 test-slurm: install-test
 	$(BIN)/python -m pytest -ra tests/slurm $(PYTEST_ARGS)
+
+# The online ClearML suite, against the server CLEARML_CONFIG_FILE or CLEARML_API_* name (.ci/run starts
+# ../shared/clearml-server/clearml-local).
+test-server: install-test
+	$(BIN)/python -m pytest -ra tests/server $(PYTEST_ARGS)
 
 $(DEMO_DATA)/VOCdevkit:
 	$(BIN)/python code/scripts/make_synthetic_voc.py $(DEMO_DATA) --train 200 --val 40 --test 20 --size 128 128 --seed 0

@@ -234,7 +234,7 @@ def run_ours(args, settings, workdir: Path) -> dict:
     config_path.write_text(CONFIG.format(
         seed=SEED, epochs=args.epochs, val_interval=args.val_interval,
         save_every_iters=args.save_every_iters, log_every_iters=args.log_every_iters, settings=json.dumps(settings)))
-    task, mutations = (None, None) if args.no_clearml else clearml_session.prepare(config_path, None)
+    task = None if args.no_clearml else clearml_session.prepare(config_path, None)
     clearml_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
     iteration_ends, epoch_ends, start = [], [], []
 
@@ -246,7 +246,7 @@ def run_ours(args, settings, workdir: Path) -> dict:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epoch_ends.append(stamp()))
         return tracker
 
-    train(config_path, None, mutations=mutations or None, tracker_factory=factory)
+    train(config_path, None, tracker_factory=factory)
     return {**summarise(iteration_ends, epoch_ends, start[0]), "clearml": clearml_factory is not None,
             "progress": "tqdm" if sys.stderr.isatty() else "log lines"}
 

@@ -1,4 +1,4 @@
-"""The ClearML session of a run: online or offline, the task, how an agent reruns it, a clone's edits, enqueueing.
+"""The ClearML session of a run: online or offline, the task, how an agent reruns it, enqueueing, Docker settings.
 
 ``export CLEARML_OUTPUT_PATH=...`` switches it on (a run under ``clearml-agent`` always has it on).
 
@@ -12,10 +12,10 @@ warning rather than fail: a training run is worth more than its live dashboard, 
 loses nothing (import it once the server is back). What cannot work offline -- enqueueing with
 ``CLEARML_QUEUE``, importing a session, fetching a model by id -- fails with a one-line UserError instead.
 
-What a run reports to its task is in ``clearml_reports``.
+What a run reports to its task is in ``clearml_reports``; a clone's edits, read under an agent before the
+processes start, in ``clone_edits``.
 """
 
-import json
 import os
 import re
 import sys
@@ -26,11 +26,13 @@ from typing import Mapping, Optional
 
 import ignite.distributed as idist
 
+from vocseg.checkout import find_checkout
 from vocseg.config import literal_constants, peek_constant
 from vocseg.errors import UserError, one_line
 
 PROJECT = "Pascal-VOC12 Training"
 SECTION = "Config"  # hyperparameter section holding the config's constants
+CONFIG_OBJECT = "config"  # configuration object holding the config file's text
 PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
 _IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
@@ -104,16 +106,6 @@ def config_overrides(original: Mapping, edited: Mapping) -> dict:
     return overrides
 
 
-def edited_overrides(task, original: Mapping) -> dict:
-    """Under an agent: the hyperparameters as (possibly) edited in the UI -> mutations for load_config."""
-    edited = task.get_parameters_as_dict().get(SECTION, {})
-    overrides = config_overrides(original, edited)
-    if overrides:
-        say("hyperparameters edited in the task override the config: "
-            + ", ".join(f"{k}={v!r} (was {original[k]!r})" for k, v in sorted(overrides.items())))
-    return overrides
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Online / offline.
 
@@ -152,6 +144,7 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
     from ignite.handlers.clearml_logger import ClearMLLogger
 
     if running_under_agent():
+        ClearMLLogger.set_bypass_mode(False)  # see below
         return False
     reason, offline = None, True
     if os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -194,8 +187,9 @@ def _tune_sdk() -> None:
 # The task.
 
 
-def _entry_point(config_path, script_path) -> dict:
-    """What an agent runs again: ``python -m py_config_runner SCRIPT CONFIG`` from the repository root."""
+def _entry_point(config_path, script_path, root: Optional[Path] = None) -> dict:
+    """What an agent runs again: ``python -m py_config_runner SCRIPT CONFIG`` from the same folder of its clone
+    (the working directory relative to the checkout's root)."""
     cwd = Path.cwd().resolve()
 
     def rel(p):
@@ -203,7 +197,8 @@ def _entry_point(config_path, script_path) -> dict:
         return p.relative_to(cwd).as_posix() if p.is_relative_to(cwd) else p.as_posix()
 
     args = [rel(script_path)] if script_path else []
-    return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": "."}
+    working_dir = cwd.relative_to(root.resolve()).as_posix() if root and cwd.is_relative_to(root.resolve()) else "."
+    return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": working_dir}
 
 
 def init_task(config_path, task_type: str = "training", script_path=None, need_server: Optional[str] = None):
@@ -229,7 +224,8 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
                         f"(or unset CLEARML_OUTPUT_PATH to train untracked)") from None
     if task.running_locally():
         _record_how_to_rerun(task, config_path, script_path)
-    task.connect_configuration(Path(config_path), name="config", description="the py_config_runner config file")
+    # Under an agent this hands back the (possibly edited) text; clone_edits has already applied it.
+    task.connect_configuration(Path(config_path), name=CONFIG_OBJECT, description="the py_config_runner config file")
     task.upload_artifact("config", artifact_object=Path(config_path), wait_on_upload=False)
     if script_path:
         task.upload_artifact("script", artifact_object=Path(script_path), wait_on_upload=False)
@@ -241,10 +237,17 @@ def _record_how_to_rerun(task, config_path, script_path) -> None:
     # (ClearML's import scan sees only the module that called Task.init and finds clearml alone).
     if _REQUIREMENTS.is_file():
         task.set_packages([*_REQUIREMENTS.read_text().splitlines(), "-e ."])
-    # ClearML derives the entry point from the file that called Task.init (or py_config_runner's
-    # __main__ in site-packages); record the command line that was really run.
-    task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}",
-                    **_entry_point(config_path, script_path))
+    # ClearML derives the repository and entry point from the file that called Task.init: py_config_runner's
+    # __main__ in site-packages, wherever the venv lives. Record the working directory's checkout (it holds
+    # the script and the config) and the command line that was really run.
+    found = find_checkout(Path.cwd())
+    if found is None or not found.repository:
+        say(f"{Path.cwd()} is {'not inside a git checkout' if found is None else 'a git checkout without a remote'}"
+            f": the task records no repository, so clones of it cannot be run by an agent")
+    repo = dict(repository=found.repository, branch=found.branch, commit=found.commit, diff=found.diff) \
+        if found else dict(repository="", branch="", commit="", diff="")
+    task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}", **repo,
+                    **_entry_point(config_path, script_path, found and found.root))
 
 
 def finish(task) -> None:
@@ -262,36 +265,52 @@ def announce_offline_session(folder) -> None:
         f"  python {script} {archive}")
 
 
+def requested_queue(config_path) -> Optional[str]:
+    """The queue this run is to be sent to instead of training here (never under an agent)."""
+    if running_under_agent():
+        return None
+    return os.environ.get("CLEARML_QUEUE") or peek_constant(config_path, "clearml_queue")
+
+
+def set_docker(task, config_path) -> None:
+    """``clearml_docker_image`` (config) or CLEARML_DOCKER_IMAGE: the container an agent started with
+    ``--docker`` runs this task (and its clones) in. DataLoader workers pass batches through shared memory,
+    which Docker limits to 64 MB by default: hence ``--ipc=host`` unless other arguments are given."""
+    image = os.environ.get("CLEARML_DOCKER_IMAGE") or peek_constant(config_path, "clearml_docker_image")
+    if not image:
+        return
+    arguments = os.environ.get("CLEARML_DOCKER_ARGUMENTS") or peek_constant(config_path, "clearml_docker_arguments",
+                                                                            default="--ipc=host")
+    task.set_base_docker(docker_image=str(image), docker_arguments=str(arguments))
+    say(f"agents started with --docker run this task in {image} ({arguments})")
+
+
 def prepare(config_path, script_path):
-    """``(task, mutations)`` for a tracked training run: rank 0's task (None on the other ranks) and a clone's
-    edited hyperparameters as config mutations (the same on every rank). Enqueues the run instead, and exits,
-    when a queue is requested."""
-    queue = None if running_under_agent() else os.environ.get("CLEARML_QUEUE") or peek_constant(config_path,
-                                                                                                "clearml_queue")
+    """Rank 0's task of a tracked training run (None on the other ranks). Enqueues the run instead, and
+    exits, when a queue is requested. A clone's edits are already in ``config_path`` and the mutations
+    (``clone_edits``, applied before the processes start)."""
+    queue = requested_queue(config_path)
     if queue and idist.get_world_size() > 1:
         raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
                         "(python -m py_config_runner ...), not with torchrun")
-    task, mutations, error = None, {}, None
+    task, error = None, None
     if idist.get_rank() == 0:
         try:
             task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}")
-            constants = config_constants(config_path)
             if task.running_locally():
-                task.connect(dict(constants), name=SECTION)
+                task.connect(config_constants(config_path), name=SECTION)
+                set_docker(task, config_path)
                 if queue:
                     say(f"enqueueing the task in queue {queue!r}; this process exits")
                     task.execute_remotely(queue_name=queue, exit_process=True)
-            else:
-                mutations = edited_overrides(task, constants)
         except UserError as exc:
             error = str(exc)
     if idist.get_world_size() > 1:
-        # The other ranks must build the same config, and must not wait forever when rank 0 gave up.
-        error, mutations = json.loads(idist.broadcast(json.dumps([error, mutations]) if idist.get_rank() == 0
-                                                      else "", src=0, safe_mode=True))
+        # The other ranks must not wait forever when rank 0 gave up.
+        error = idist.broadcast(error or "", src=0, safe_mode=True)
     if error:
         raise UserError(error)
-    return task, mutations
+    return task
 
 
 def fetch_model_weights(model_id: str) -> str:

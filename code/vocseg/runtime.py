@@ -2,6 +2,8 @@
 
 Switches (environment):
 - ``DIST_TIMEOUT``: seconds a rank waits in a collective for the others (config: ``dist_timeout``).
+- ``NPROC_PER_NODE``: processes a plain launch starts itself (config: ``nproc_per_node``; default: one per
+  visible GPU).
 - ``VOCSEG_CPU_ALLOCATOR=default``: leave glibc's allocator alone in CPU runs (see ``tune_cpu_allocator``).
 """
 
@@ -12,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 
@@ -28,12 +31,19 @@ ALL_RANKS = {"all_ranks": True}
 
 def launch(config, one_rank) -> None:
     """Runs ``one_rank(source)`` (a ``config.ConfigSource``) in every process however they were started
-    (python, torchrun, torch.distributed.launch); bad input ends the run with one line and a non-zero exit."""
-    source = config_source(config)
+    (python, torchrun, torch.distributed.launch, or by this function: see ``processes_per_node``); bad input
+    ends the run with one line and a non-zero exit. Under clearml-agent, ``source`` carries the clone's edits."""
+    from vocseg import clearml_session
+    from vocseg.clone_edits import clone_source
+
     stop_on_signals()
     try:
-        with parallel_context(source.config_path) as parallel:
-            parallel.run(lambda local_rank: one_rank(source))
+        source = clone_source(config_source(config))
+        nproc = processes_per_node(source.config_path, source.mutations)
+        if nproc > 1 and clearml_session.enabled() and clearml_session.requested_queue(source.config_path):
+            nproc = 1  # the agent that runs it will choose
+        with parallel_context(source.config_path, nproc, source.mutations) as parallel:
+            parallel.run(_one_rank, one_rank, source, nproc)
     except UserError as exc:
         exit_with(exc)
     except Preempted as exc:
@@ -90,6 +100,35 @@ def uninterrupted():
             raise Interrupted(signum)
 
 
+def _one_rank(local_rank, one_rank, source, spawned: int) -> None:
+    # Module-level (not a lambda): processes started by Parallel(nproc_per_node=N) receive it pickled.
+    if spawned > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun does for its processes: N processes of all-core torch threads would fight for the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spawned))
+    one_rank(source)
+
+
+def processes_per_node(config_path, mutations=None) -> int:
+    """How many processes ``launch`` starts itself: none more under torchrun (it started them); else
+    NPROC_PER_NODE (environment) or ``nproc_per_node`` (config); else one per visible GPU when there are
+    several and the config does not ask for the CPU -- so a clone on an agent given ``--gpus 0,1`` uses both."""
+    if distributed_backend() is not None:  # torchrun, torch.distributed.launch, srun: already N processes
+        return 1
+    given = os.environ.get("NPROC_PER_NODE") or peek_constant(config_path, "nproc_per_node", mutations)
+    if given is not None:
+        try:
+            count = int(given)
+        except (TypeError, ValueError):
+            count = 0
+        if count < 1 or str(count) != str(given).strip():
+            raise UserError(f"nproc_per_node {given!r} is not a whole number of processes >= 1: fix "
+                            f"NPROC_PER_NODE or nproc_per_node in {config_path}")
+        return count
+    if str(peek_constant(config_path, "device", mutations, default="")).startswith("cpu"):
+        return 1
+    return max(1, torch.cuda.device_count())
+
+
 def distributed_backend():
     """gloo on CPU, nccl on GPU, nothing for a plain single process.
 
@@ -120,9 +159,19 @@ def process_group_timeout(config_path, backend):
 
 
 @contextlib.contextmanager
-def parallel_context(config_path):
-    """idist.Parallel for however this process was launched, with the process-group timeout applied."""
+def parallel_context(config_path, nproc: int = 1, mutations=None):
+    """idist.Parallel for however this process was launched, or starting ``nproc`` processes itself, with the
+    process-group timeout applied."""
     backend = distributed_backend()
+    if backend is None and nproc > 1:
+        on_gpu = torch.cuda.is_available() and not str(peek_constant(config_path, "device", mutations,
+                                                                     default="")).startswith("cpu")
+        backend = "nccl" if on_gpu else "gloo"
+        timeout = process_group_timeout(config_path, backend)
+        with idist.Parallel(backend=backend, nproc_per_node=nproc, master_addr="127.0.0.1", master_port=_free_port(),
+                            **({"timeout": timeout} if timeout else {})) as parallel:
+            yield parallel
+        return
     if backend is None:
         with idist.Parallel() as parallel:
             yield parallel
@@ -136,6 +185,13 @@ def parallel_context(config_path):
             yield parallel
     finally:
         idist.finalize()
+
+
+def _free_port() -> int:
+    # ignite's default master port (15000) is shared by every run on the machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def setup_logging(output_dir):

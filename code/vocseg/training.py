@@ -39,14 +39,13 @@ def run(config, **_runner_kwargs) -> None:
 def _train_one_rank(source) -> None:
     from vocseg import clearml_reports, clearml_session
 
-    mutations, tracker_factory = dict(source.mutations), None
+    tracker_factory = None
     outputs.check_output_base()
     if clearml_session.enabled():
-        # ClearML first: the task may enqueue itself, or carry a clone's edited hyperparameters.
-        task, edits = clearml_session.prepare(source.config_path, source.script_path)
-        mutations.update(edits)
+        # ClearML first: the task may enqueue itself.
+        task = clearml_session.prepare(source.config_path, source.script_path)
         tracker_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
-    train(source.config_path, source.script_path, mutations=mutations or None, tracker_factory=tracker_factory)
+    train(source.config_path, source.script_path, mutations=source.mutations or None, tracker_factory=tracker_factory)
 
 
 def train(config_path, script_path=None, mutations=None, tracker_factory=None) -> dict:
