@@ -24,14 +24,21 @@ def voc_root_from_env() -> Path:
     root = os.environ.get("DATASET_PATH", "").strip()
     if not root:
         raise UserError(f"DATASET_PATH is not set; {VOC_HINT}")
-    return _check_voc_root(Path(root))
+    return _check_voc_root(_local_folder(root, "DATASET_PATH", "voc"))
 
 
 def sbd_root_from_env() -> Path:
     root = os.environ.get("SBD_DATASET_PATH", "").strip()
     if not root:
         raise UserError(f"SBD_DATASET_PATH is not set; {SBD_HINT} (benchmark_RELEASE/dataset in the SBD download)")
-    return _check_sbd_root(Path(root))
+    return _check_sbd_root(_local_folder(root, "SBD_DATASET_PATH", "sbd"))
+
+
+def _local_folder(value: str, variable: str, kind: str) -> Path:
+    """A folder as given, or the local copy of the ClearML dataset a clearml:// address names."""
+    from vocseg import clearml_data
+
+    return clearml_data.local_copy(value, variable, kind) if clearml_data.is_dataset_uri(value) else Path(value)
 
 
 def _check_voc_root(root: Path) -> Path:
