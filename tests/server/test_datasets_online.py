@@ -50,7 +50,8 @@ def test_changed_data_makes_a_child_version(uploaded, project, tmp_path, synthet
     first = uploaded["DATASET_PATH"][len("clearml://"):]
     assert not result.reused and result.version == "1.0.1" and result.id != first
     child = Dataset.get(dataset_id=result.id)
-    assert child.get_dependency_graph()[result.id] == [first] and "VOCdevkit/VOC2012/extra.txt" in child.list_added_files()
+    assert child.get_dependency_graph()[result.id] == [first]
+    assert "VOCdevkit/VOC2012/extra.txt" in child.list_added_files()
     # By name and version, and by name alone (the newest version).
     by_version = clearml_data.local_copy(f"clearml://{project}/VOC2012@1.0.0", "DATASET_PATH", "voc")
     assert not (by_version / "VOCdevkit" / "VOC2012" / "extra.txt").exists()
