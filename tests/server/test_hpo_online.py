@@ -2,7 +2,9 @@
 best is the best trial. The bad-input cases need the server but no agent."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +12,7 @@ import uuid
 
 import pytest
 
-from online import AGENT, poly_lr, run, scalar_events, task_id_of, train
+from online import AGENT, poly_lr, run, scalar_events
 
 from vocseg import hyperparameter_search as hs
 from vocseg.errors import UserError
@@ -25,54 +27,39 @@ def queue_exists(name) -> bool:
 
 
 @pytest.fixture(scope="module")
-def agent_queue(agent_env, checkout, synthetic_voc, tmp_path_factory):
+def agent_queue(agent_env, synthetic_voc, tmp_path_factory):
     """One `clearml-agent daemon` serving a fresh queue; the trials find the data through DATASET_PATH."""
     queue = f"hpo-{uuid.uuid4().hex[:8]}"
-    log = tmp_path_factory.mktemp("agent") / "daemon.log"
-    with open(log, "w") as out:
-        daemon = subprocess.Popen([AGENT, "daemon", "--queue", queue, "--create-queue", "--cpu-only"], cwd=checkout,
-                                  env={**agent_env, "DATASET_PATH": str(synthetic_voc)}, stdout=out,
-                                  stderr=subprocess.STDOUT)
+    work = tmp_path_factory.mktemp("agent")
+    data = {"DATASET_PATH": str(synthetic_voc), "CLEARML_OUTPUT_PATH": str(work / "out")}
+    with open(work / "daemon.log", "w") as log:
+        # Its own process group: stopping it stops the trial it may be running too.
+        daemon = subprocess.Popen([AGENT, "daemon", "--queue", queue, "--create-queue", "--cpu-only"], cwd=work,
+                                  env={**agent_env, **data}, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not queue_exists(queue):
-            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            assert daemon.poll() is None and time.monotonic() < deadline, (work / "daemon.log").read_text()[-3000:]
             time.sleep(1)
         yield queue
     finally:
-        daemon.terminate()
+        os.killpg(daemon.pid, signal.SIGTERM)
         try:
             daemon.wait(30)
         except subprocess.TimeoutExpired:
-            daemon.kill()
-
-
-@pytest.fixture(scope="module")
-def base_task(checkout, origin, server_env, synthetic_voc, tmp_path_factory):
-    """The search's base: a tiny run whose task records the origin as its repository, so that agents can clone it.
-
-    ClearML takes the repository from the file that calls Task.init (vocseg.clearml_session); the suite's venv has
-    vocseg installed in editable mode from the working tree, which has no remote, so the checkout's own vocseg is
-    put first on the path here, as in a user's clone with `pip install -e .` made there.
-    """
-    from clearml import Task
-
-    proc = train(checkout, server_env, tmp_path_factory.mktemp("hpo_base"), DATASET_PATH=str(synthetic_voc),
-                 PYTHONPATH=str(checkout / "code"))
-    assert proc.returncode == 0, proc.output[-4000:]
-    task = Task.get_task(task_id_of(proc.output))
-    assert task.data.script.repository == str(origin)
-    return task.id
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
 
 
 def last_value(events, metric, variant):
     return max((i, v) for m, s, i, v in events if (m, s) == (metric, variant))[1]
 
 
-def test_search_runs_three_trials_and_reports_the_best(base_task, agent_queue, checkout, server_env):
+def test_search_runs_three_trials_and_reports_the_best(online_run, agent_queue, checkout, server_env):
     from clearml import Task
 
-    proc = run([sys.executable, HPO, base_task, "--queue", agent_queue, "--trials", "3", "--concurrent", "1",
+    proc = run([sys.executable, HPO, online_run["id"], "--queue", agent_queue, "--trials", "3", "--concurrent", "1",
                 "--param", "learning_rate=loguniform:1e-3:1e-1", "--param", "batch_size=choice:4,8",
                 "--poll-seconds", "3", "--time-limit", "15"], server_env, checkout, timeout=1000)
     assert proc.returncode == 0, proc.output[-5000:]
