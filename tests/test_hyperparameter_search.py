@@ -2,6 +2,7 @@
 the parts that run on the server are in tests/server/test_hpo_online.py)."""
 
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +64,18 @@ def test_grid_search_needs_steps():
                         0.03)
 
 
-def test_script_prints_one_line_before_contacting_any_server(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    for args, message in ((["--param", "learning_rate=loguniform:1:0.1"], "needs MIN < MAX"),
-                          (["--param", "learning_rate=choice:1", "--queue", ""], "--queue is empty"),
+def test_script_prints_one_line_before_contacting_any_server(tmp_path, capsys):
+    main = runpy.run_path(str(ROOT / "code" / "scripts" / "hpo.py"))["main"]
+    for args, message in ((["--param", "learning_rate=choice:1", "--queue", ""], "--queue is empty"),
                           (["--trials", "0"], "--trials 0 --concurrent 1: both must be at least 1")):
-        proc = subprocess.run([sys.executable, "code/scripts/hpo.py", "tiny_clearml", "--queue", "q1", *args], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=120)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-        assert message in lines[0]
+        with pytest.raises(SystemExit) as exited:
+            main(["tiny_clearml", "--queue", "q1", *args])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    # The real thing once: a process, no server configured, one line.
+    proc = subprocess.run([sys.executable, "code/scripts/hpo.py", "tiny_clearml", "--queue", "q1", "--param",
+                           "learning_rate=loguniform:1:0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "needs MIN < MAX" in lines[0]
