@@ -10,6 +10,7 @@ in a space file, a Python list for a choice).
 
 import ast
 import math
+import re
 import runpy
 from pathlib import Path
 from typing import Mapping, NamedTuple
@@ -145,7 +146,7 @@ def find_base_task(ref: str):
             return Task.get_task(task_id=ref)
         except Exception as exc:
             raise UserError(f"base task {ref}: no such task on the server ({one_line(exc)})") from None
-    tasks = [t for t in Task.get_tasks(project_name=PROJECT, task_name=f"^{ref}$",
+    tasks = [t for t in Task.get_tasks(project_name=PROJECT, task_name=f"^{re.escape(ref)}$",
                                        task_filter={"status": ["completed"], "order_by": ["-last_update"],
                                                     "type": ["training"]}) if t.name == ref]
     if not tasks:
