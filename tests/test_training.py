@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -201,6 +202,22 @@ def test_checkpoint_of_another_model_names_keys(synthetic_voc, tmp_path, trained
     assert proc.returncode != 0
     assert "different model" in last_line(proc) and "backbone." in last_line(proc)
     assert other.read_bytes() == before
+
+
+def test_unreachable_backbone_weights_stop_before_training(synthetic_voc, tmp_path):
+    with socket.socket() as sock:  # a proxy port where nothing listens: the download fails at once, offline
+        sock.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = make_env(synthetic_voc, tmp_path, TINY_PRETRAINED=1, TORCH_HOME=tmp_path / "torch", HTTPS_PROXY=proxy,
+                   https_proxy=proxy)
+    for name in ("NO_PROXY", "no_proxy", "PRETRAINED_BACKBONE"):
+        env.pop(name, None)
+    proc = run_script("training", TINY, env)
+    assert proc.returncode != 0
+    line = last_line(proc)
+    assert line.startswith("error: no ImageNet weights for the mobilenet_v3_large backbone")
+    assert "PRETRAINED_BACKBONE=/path/to/" in line and "pretrained_backbone=False" in line
+    assert "Traceback" not in proc.stderr and "first iteration" not in proc.stdout + proc.stderr
 
 
 def test_missing_weights_for_evaluation(synthetic_voc, tmp_path):

@@ -72,7 +72,9 @@ def read_image(path) -> np.ndarray:
     # libjpeg decodes a cut-off JPEG as grey with only a warning, so look for its end marker;
     # the marker cannot occur inside compressed data, and the slack allows for trailing padding.
     truncated = data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:].tobytes()
-    image = None if truncated or not data.size else cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # EXIF orientation is ignored: the masks were drawn on the stored pixels, and PIL/torchvision read them so too.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = None if truncated or not data.size else cv2.imdecode(data, flags)
     if image is None:
         raise UserError(f"cannot read image {path}: missing, truncated or not an image; replace the file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -19,7 +19,8 @@ train_loader, val_loader, train_eval_loader = get_dataloaders(
     val_pad_size=96, seed=seed, train_eval_num_samples=6,
 )
 num_classes = 21
-model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=False, bn_momentum=0.1)
+model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=bool(int(os.environ.get("TINY_PRETRAINED", 0))),
+                  bn_momentum=0.1)
 
 
 class NaNAfter(torch.nn.Module):
