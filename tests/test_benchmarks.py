@@ -70,3 +70,11 @@ def test_startup_exit():
         assert 0 < timings["command_to_first_iteration_s"] < timings["total_s"]
         assert 0 < timings["last_iteration_to_exit_s"] < timings["total_s"]
     assert result["runs"]["clearml"][0]["offline_session"] is True
+
+
+def test_memory_estimate_counts_something():
+    (result,), _ = run("memory_estimate.py", "--tiny")
+    check(result, "memory_estimate", ["recipes", "command"])
+    (tiny,) = result["recipes"]
+    assert tiny["params_m"] > 1 and tiny["activations_gib_per_image"] > 0
+    assert tiny["optimizer_state_gib"] < tiny["estimate_gib"]["4"] < tiny["estimate_gib"]["8"]
