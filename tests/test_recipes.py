@@ -1,12 +1,15 @@
 """The baseline configs follow their anchors' recipes (README, "Recipes"): the numbers a run would use."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.models import resnet101
 
-from vocseg.config import load_config
+from vocseg.config import literal_constants, load_config
 from vocseg.models import backbone_source
 
+REPO = Path(__file__).resolve().parents[1]
 # config -> (anchor's iterations, batch, crop, lr, weight decay, output stride, aux head)
 RECIPES = {
     "configs/train/baseline_resnet101.py": (30_000, 16, 513, 0.007, 1e-4, 16, False),  # DeepLabV3 paper
@@ -27,7 +30,7 @@ def test_baseline_follows_its_anchor(config_path, backbone_file, synthetic_voc, 
     monkeypatch.setenv("SBD_DATASET_PATH", str(synthetic_voc / "SBD"))
     monkeypatch.setenv("PRETRAINED_BACKBONE", str(backbone_file))
     iterations, batch, crop, lr, weight_decay, output_stride, aux = RECIPES[config_path]
-    config = load_config(config_path, {"num_workers": 0})
+    config = load_config(REPO / config_path, {"num_workers": 0})
     per_epoch = len(config.train_loader)
     total = config.num_epochs * per_epoch
     assert iterations <= total < iterations + per_epoch
@@ -44,3 +47,29 @@ def test_baseline_follows_its_anchor(config_path, backbone_file, synthetic_voc, 
     assert features["out"].shape[-1] == 64 // output_stride
     assert (model.aux_classifier is not None) == aux and (config.criterion.aux_weight == 0.4 or not aux)
     assert backbone_source(model).startswith(f"file {backbone_file}")
+
+
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("configs/*/*.py"), *REPO.glob("tests/configs/*.py")])
+
+
+@pytest.mark.parametrize("config_path", CONFIGS)
+def test_every_config_scores_mixed_and_larger_images_unpadded(config_path, backbone_file, mixed_size_voc,
+                                                              monkeypatch, tmp_path):
+    monkeypatch.setenv("DATASET_PATH", str(mixed_size_voc))
+    monkeypatch.setenv("SBD_DATASET_PATH", str(mixed_size_voc / "SBD"))
+    monkeypatch.setenv("PRETRAINED_BACKBONE", str(backbone_file))
+    monkeypatch.setenv("CLEARML_OUTPUT_PATH", str(tmp_path))
+    monkeypatch.setenv("TINY_WORKERS", "0")
+    config_path = str(REPO / config_path)
+    config = load_config(config_path, {"num_workers": 0} if "num_workers" in literal_constants(config_path) else None)
+    loaders = [config.get(name) for name in ("val_loader", "train_eval_loader", "data_loader")]
+    loaders = [loader for loader in loaders if loader is not None]
+    assert loaders
+    for loader in loaders:
+        seen = 0
+        for batch in loader:
+            h, w = batch["size"][0].tolist()
+            assert (batch["size"] == batch["size"][0]).all() and batch["image"].shape[-2:] == (h, w)
+            assert batch["mask"].shape[-2:] == (h, w)
+            seen += len(batch["id"])
+        assert seen == loader.batch_sampler.num_images

@@ -43,6 +43,7 @@ class SizeGroupedBatches(Sampler):
     def __init__(self, indices: Sequence[int], sizes: Sequence, batch_size: int, num_replicas: int = 1, rank: int = 0):
         if batch_size < 1:
             raise UserError(f"validation batch size {batch_size} must be at least 1: raise val_batch_size")
+        self.num_images = len(indices)  # over all ranks
         groups = defaultdict(list)
         for index, size in zip(indices, sizes):
             groups[tuple(size)].append(index)

@@ -19,8 +19,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from vocseg import outputs, runtime
-from vocseg.checkpoints import (RunSettings, best_model_checkpointer, newest_complete_checkpoint, resume,
-                                training_checkpointer)
+from vocseg.checkpoints import (RunSettings, best_model_checkpointer, carry_best_models, newest_complete_checkpoint,
+                                resume, training_checkpointer)
 from vocseg.config import check_trainval, load_config, peek_constant
 from vocseg.engines import create_evaluator, create_trainer
 from vocseg.errors import UserError
@@ -62,6 +62,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     checkpointer = _attach_checkpoints(run, output_dir)
     _attach_preemption(run)
     results = _attach_validation(run, output_dir)
+    run.save_after_validation()
     _attach_progress_logging(run)
     tb = outputs.setup_tensorboard(output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every) \
         if idist.get_rank() == 0 else None
@@ -174,13 +175,20 @@ def _resume(run, resume_from, output_dir) -> None:
             return
         resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
     run.to_save["settings"].fixes = f"restore the old settings to continue, or {new_run}"
-    resume(run.to_save, resume_from)
+    resume(run.to_save, resume_from, optional=("best_models", "early_stopping"))
     total = run.num_epochs * len(run.train_loader)
     if run.trainer.state.iteration >= total:  # Ignite would silently start such a run again from iteration 1
         raise UserError(f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
                         f"{total}): nothing left to train; {new_run}")
-    log.info("continued from %s at iteration %d (epoch %d)", resume_from, run.trainer.state.iteration,
-             run.trainer.state.epoch)
+    missing = carry_best_models(run.best, resume_from, output_dir / "best")
+    stopper = run.to_save.get("early_stopping")
+    log.info("continued from %s at iteration %d (epoch %d); best models %s%s", resume_from,
+             run.trainer.state.iteration, run.trainer.state.epoch,
+             [item.filename for item in run.best._saved] or "none yet",
+             f"; early stopping counter {stopper.counter} best {stopper.best_score}" if stopper else "")
+    if missing:
+        log.warning("best models %s are not next to %s: their scores still count, the files are not copied",
+                    ", ".join(missing), resume_from)
 
 
 def _log_header(run, config_path, output_dir) -> None:
@@ -190,25 +198,34 @@ def _log_header(run, config_path, output_dir) -> None:
     log.info("device %s | world size %d | amp %s | config %s", run.device, idist.get_world_size(), run.amp, config_path)
     log.info("train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
              len(train_loader.dataset), len(train_loader), len(val_loader.dataset),
-             len(train_eval_loader.sampler) * idist.get_world_size() if train_eval_loader is not None else 0)
+             train_eval_loader.batch_sampler.num_images if train_eval_loader is not None else 0)
     log.info("output folder %s", output_dir)
 
 
 def _attach_checkpoints(run, output_dir):
-    """Training checkpoints every ``save_every_iters`` and at the end; the best two models by val mIoU."""
+    """Training checkpoints every ``save_every_iters`` and at the end; the best two models by val mIoU. The
+    training checkpoint holds the best-model record and early stopping's state, so a resumed run remembers
+    the scores it has to beat; one that falls at the end of an epoch is written after that epoch's validation.
+    """
+    run.best = best_model_checkpointer(run.model, output_dir / "best", run.trainer)
+    run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
+    run.to_save["best_models"] = run.best
+    if run.config.get("es_patience"):
+        stopper = EarlyStopping(int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"],
+                                trainer=run.trainer)
+        run.evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
+        run.to_save["early_stopping"] = stopper
     checkpointer = training_checkpointer(run.to_save, output_dir / "checkpoints")
 
     def save_checkpoint(engine):
         if engine.state.nan_iteration is None:  # never persist weights that a NaN step already ruined
             checkpointer(engine)
 
-    run.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=run.save_every_iters) | Events.COMPLETED,
-                                  save_checkpoint)
-    run.best = best_model_checkpointer(run.model, output_dir / "best", run.trainer)
-    run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
-    if run.config.get("es_patience"):
-        run.evaluators["val"].add_event_handler(Events.COMPLETED, EarlyStopping(
-            int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"], trainer=run.trainer))
+    every = run.save_every_iters
+    run.trainer.add_event_handler(Events.ITERATION_COMPLETED(
+        event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length != 0) | Events.COMPLETED, save_checkpoint)
+    run.save_after_validation = lambda: run.trainer.add_event_handler(
+        Events.EPOCH_COMPLETED(event_filter=lambda e, _: e.state.iteration % every == 0), save_checkpoint)
     return checkpointer
 
 
@@ -233,6 +250,8 @@ def _attach_preemption(run) -> None:
                         engine.state.iteration, runtime.PREEMPTED_EXIT)
             engine.state.preempted = asked
             engine.terminate()
+
+
 
 
 class _Results:

@@ -11,7 +11,7 @@ seed = 12
 device = "cuda" if torch.cuda.is_available() else "cpu"
 amp = "auto"
 
-data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=8, val_pad_size=513)
+data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=8)
 # The architecture of the training config: baseline_resnet101_sbd.py (below) or, for baseline_resnet101.py,
 # output_stride = 16 and aux_loss = False.
 output_stride = 8

@@ -21,10 +21,9 @@ amp = "auto"  # bf16 on compute capability 8.0+, fp16 below; off on CPU
 batch_size = 16
 num_workers = 8
 crop_size = 513
-val_pad_size = 513
 train_loader, val_loader, train_eval_loader = get_dataloaders(
     voc_root_from_env(), batch_size=batch_size, val_batch_size=8, num_workers=num_workers, crop_size=crop_size,
-    val_pad_size=val_pad_size, seed=seed, train_eval_num_samples=500,
+    seed=seed, train_eval_num_samples=500,
 )
 
 # Model: output stride 16 (ASPP rates 6, 12, 18), no auxiliary head, BatchNorm decay 0.9997, as the paper.

@@ -20,10 +20,9 @@ amp = "auto"
 batch_size = 16
 num_workers = 8
 crop_size = 512
-val_pad_size = 513
 train_loader, val_loader, train_eval_loader = get_dataloaders(
     voc_root_from_env(), sbd_root_from_env(), batch_size=batch_size, val_batch_size=8, num_workers=num_workers,
-    crop_size=crop_size, val_pad_size=val_pad_size, seed=seed, train_eval_num_samples=500,
+    crop_size=crop_size, seed=seed, train_eval_num_samples=500,
 )
 
 # Model: output stride 8, auxiliary FCN head on layer3 weighted 0.4, as the anchor.
