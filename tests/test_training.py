@@ -62,8 +62,10 @@ def test_run_writes_every_output(trained):
     assert 0.0 <= metrics["val"]["mIoU"] <= 1.0 and len(metrics["val"]["IoU"]) == 21
     assert Path(metrics["best_model"]).is_file()
     log = (run_dir / "training.log").read_text()
-    for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir)):
+    for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir), "precision fp32",
+                   "backbone weights: none (pretrained_backbone=False"):
         assert needle in log
+    assert metrics["backbone_source"].startswith("none (pretrained_backbone=False") and metrics["precision"] == "fp32"
     checkpoint = torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)
     assert set(checkpoint) == {"settings", "trainer", "model", "optimizer", "lr_scheduler", "scaler", "best_models"}
     assert checkpoint["settings"] == {"seed": 7, "batch_size": 4, "num_epochs": 2, "accumulation_steps": 1,

@@ -106,3 +106,16 @@ def peek_constant(path, name: str, mutations: Optional[Mapping] = None, default=
     if mutations and name in mutations:
         return mutations[name]
     return literal_constants(path).get(name, default)
+
+
+def check_seed(config: ConfigObject, peeked) -> None:
+    """The seed was read from the file's text before the config ran (to seed the model it builds): the
+    config must end up with that same value."""
+    actual = config.get("seed")
+    try:
+        same = int(actual) == int(peeked)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise UserError(f"config {config['config_filepath']}: seed is read before the config runs and gave "
+                        f"{peeked!r}, but the config sets {actual!r}: write it as a literal, e.g. seed = 12")

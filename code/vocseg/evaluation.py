@@ -8,9 +8,9 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 
-from vocseg import outputs, runtime
+from vocseg import outputs, precision, runtime
 from vocseg.checkpoints import load_weights, resolve_weights
-from vocseg.config import check_inference, load_config, peek_constant
+from vocseg.config import check_inference, check_seed, load_config, peek_constant
 from vocseg.engines import create_evaluator
 from vocseg.metrics import scalar_metrics
 from vocseg.voc import VOC_CLASSES, save_palette_png
@@ -41,9 +41,11 @@ def _save_predictions(evaluator, folder: Path) -> None:
 
 
 def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
-    runtime.seed_everything(int(peek_constant(config_path, "seed", mutations, default=0)))
+    seed = int(peek_constant(config_path, "seed", mutations, default=0))
+    runtime.seed_everything(seed)
     config = load_config(config_path, mutations)
     check_inference(config)
+    check_seed(config, seed)
     output_dir = outputs.make_output_dir(config_path)
     logger = runtime.setup_logging(output_dir)
     device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
@@ -52,10 +54,13 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     load_weights(model, resolve_weights(config.weights_path))
     model = model.to(device)
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
-    evaluator = create_evaluator(model, device=device, amp=config.get("amp", "auto"), flip=flip, scales=scales,
+    # Scores are reported in full precision unless the config asks for amp.
+    amp_dtype = precision.amp_dtype(config.get("amp", "off"), device, where=f"config {config_path}")
+    evaluator = create_evaluator(model, device=device, amp_dtype=amp_dtype, flip=flip, scales=scales,
                                  num_classes=int(config.get("num_classes", 21)))
-    logger.info("evaluating %s on %d images | device %s | flip %s | scales %s | output %s", config.weights_path,
-                len(config.data_loader.dataset), device, flip, scales, output_dir)
+    logger.info("evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
+                config.weights_path, len(config.data_loader.dataset), device, precision.describe(amp_dtype), flip,
+                scales, output_dir)
 
     if config.get("save_predictions", False):
         folder = output_dir / "predictions"

@@ -9,7 +9,7 @@ from vocseg.models import deeplabv3
 
 seed = 12
 device = "cuda" if torch.cuda.is_available() else "cpu"
-amp = "auto"
+amp = "off"  # scores in full precision; "auto" (bf16 or fp16 by GPU) is faster
 
 data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=8)
 # The architecture of the training config: baseline_resnet101_sbd.py (below) or, for baseline_resnet101.py,
