@@ -42,16 +42,15 @@ def _selector(uri: str, variable: str) -> dict:
 
 def require_server(what: str) -> None:
     """A one-line UserError unless a ClearML server is configured and answers a short probe."""
-    from vocseg.clearml_session import _api_host, _credentials_configured, probe_server
+    from vocseg.clearml_session import unusable_server
 
-    if not _credentials_configured():
+    unusable = unusable_server()
+    if unusable and unusable[0] is None:
         raise UserError(f"{what} needs a ClearML server, and none is configured: run clearml-init or set "
                         f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY")
-    host = _api_host()
-    problem = probe_server(host)
-    if problem:
-        raise UserError(f"{what} needs the ClearML server {host}, which did not answer ({problem}): start it "
-                        f"or fix CLEARML_API_HOST")
+    if unusable:
+        raise UserError(f"{what} needs the ClearML server {unusable[0]}, which did not answer ({unusable[1]}): "
+                        f"start it or fix CLEARML_API_HOST")
 
 
 def local_copy(uri: str, variable: str, kind: str) -> Path:

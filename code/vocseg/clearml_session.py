@@ -313,16 +313,25 @@ def prepare(config_path, script_path):
     return task
 
 
+def unusable_server() -> Optional[tuple]:
+    """None when a ClearML server is configured and answers the short probe; else ``(None, "")`` when none is
+    configured, or ``(host, why)`` when it does not answer. Callers word the error for what they needed."""
+    if not _credentials_configured():
+        return None, ""
+    host = _api_host()
+    problem = probe_server(host)
+    return (host, problem) if problem else None
+
+
 def fetch_model_weights(model_id: str) -> str:
     """The local copy of a ClearML model's weights file, or a one-line UserError saying why not."""
     what = f"weights_path {model_id} (a ClearML model id)"
-    if not _credentials_configured():
+    unusable = unusable_server()
+    if unusable and unusable[0] is None:
         raise UserError(f"{what}: no ClearML server configured to fetch it from: run clearml-init or set "
                         f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY")
-    host = _api_host()
-    problem = probe_server(host)
-    if problem:
-        raise UserError(f"{what}: ClearML server {host} did not answer ({problem})")
+    if unusable:
+        raise UserError(f"{what}: ClearML server {unusable[0]} did not answer ({unusable[1]})")
     try:
         from clearml import InputModel
 
