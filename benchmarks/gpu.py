@@ -10,8 +10,10 @@ Variants:
   fp32                  float32 (cuDNN may use TF32 for convolutions: torch's default)
   fp16_amp              autocast float16 + GradScaler
   bf16_amp              autocast bfloat16
-  bf16_channels_last    bf16_amp with the model and the batches in channels_last
+  bf16_cudnn_benchmark  bf16_amp with torch.backends.cudnn.benchmark (training's default on GPUs)
+  bf16_channels_last    bf16_cudnn_benchmark with the model and the batches in channels_last
   bf16_compile          bf16_channels_last + torch.compile(model)
+The switches are the config's: amp, cudnn_benchmark, channels_last, compile_model.
 FLOPs of one step are counted once with torch.utils.flop_counter.FlopCounterMode; MFU = achieved FLOP/s /
 the GPU's dense bf16 tensor-core peak (table below, or --peak-tflops), for every variant alike.
 
@@ -26,7 +28,7 @@ import time
 
 import _common as C
 
-VARIANTS = ["fp32", "fp16_amp", "bf16_amp", "bf16_channels_last", "bf16_compile"]
+VARIANTS = ["fp32", "fp16_amp", "bf16_amp", "bf16_cudnn_benchmark", "bf16_channels_last", "bf16_compile"]
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
                     "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
@@ -60,6 +62,7 @@ def build(args, device, variant):
     torch.manual_seed(0)
     model = deeplabv3(args.model, num_classes=21, aux_loss=True, pretrained_backbone=False).to(device)
     channels_last = variant in ("bf16_channels_last", "bf16_compile")
+    torch.backends.cudnn.benchmark = channels_last or variant == "bf16_cudnn_benchmark"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)

@@ -87,6 +87,7 @@ class InMemoryLoader:
         self.dataset = range(len(batches) * batch_size)
         # create_trainer positions it every epoch; the batches themselves are always the same.
         self.sampler = SeededShuffleSampler(len(self.dataset), SEED, batch_size)
+        self.batch_sampler = None
 
     def __iter__(self):
         return iter(self.batches)

@@ -37,3 +37,26 @@ def sample_check_cache(tmp_path_factory):
     import os
 
     os.environ["VOCSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("vocseg_cache"))
+
+
+@pytest.fixture(scope="session")
+def mixed_size_voc(synthetic_voc, tmp_path_factory):
+    """A copy of `synthetic_voc` whose first VOC val and train images come in other sizes, one far larger
+    than the rest (the old val_pad_size would have rejected it). Read-only, like `synthetic_voc`."""
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    from vocseg.datasets import VOCSegmentation
+    from vocseg.voc import read_mask, save_palette_png
+
+    root = shutil.copytree(synthetic_voc, tmp_path_factory.mktemp("mixed") / "data")
+    for split in ("val", "train"):
+        ds = VOCSegmentation(root, split)
+        for i, (h, w) in enumerate([(80, 120), (120, 80), (200, 600), (80, 120)]):
+            image = cv2.imread(str(ds.image_paths[i]))
+            cv2.imwrite(str(ds.image_paths[i]), cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR))
+            mask = cv2.resize(read_mask(ds.mask_paths[i]), (w, h), interpolation=cv2.INTER_NEAREST)
+            save_palette_png(ds.mask_paths[i], np.ascontiguousarray(mask))
+    return root

@@ -59,9 +59,10 @@ BAD_VALUES = [
     ("val_interval", 0), ("save_every_iters", 0), ("accumulation_steps", 0), ("batch_size", "8"),
     ("batch_size", 0), ("seed", "abc"), ("seed", -1), ("es_patience", "five"), ("es_patience", 0),
     ("num_epochs", 0), ("num_epochs", 2.5), ("log_every_iters", 0), ("amp", "yes"), ("amp", True),
-    ("sync_bn", "no"), ("sync_bn", 1), ("num_workers", -1), ("crop_size", "480"), ("val_pad_size", 0),
+    ("sync_bn", "no"), ("sync_bn", 1), ("num_workers", -1), ("crop_size", "480"),
     ("num_classes", 1), ("dist_timeout", 0), ("dist_timeout", "2 min"), ("tta_flip", "yes"),
     ("tta_scales", ()), ("tta_scales", (1.0, -0.5)), ("save_predictions", None), ("val_interval", True),
+    ("channels_last", "yes"), ("cudnn_benchmark", 1), ("compile_model", "max-autotune"),
 ]
 
 
@@ -135,9 +136,6 @@ BAD_SAMPLES = {
                               _first(data)[1])[1],
     "16-bit mask": lambda data: (Image.fromarray(np.full((96, 96), 300, np.uint16)).save(_first(data)[1]),
                                  _first(data)[1])[1],
-    "val image larger than val_pad_size": lambda data: (
-        Image.new("RGB", (120, 96)).save(_first(data)[0], format="JPEG"),
-        save_palette_png(_first(data)[1], np.zeros((96, 120), np.uint8)), _first(data)[0])[2],
     "sbd mat without GTcls": lambda data: (scipy.io.savemat(_sbd_mat(data), {"other": np.zeros(3)}),
                                            _sbd_mat(data))[1],
     "sbd mask value 30": lambda data: (scipy.io.savemat(_sbd_mat(data), {"GTcls": {
@@ -151,8 +149,8 @@ def test_every_listed_sample_is_checked_before_training(data, kind, monkeypatch,
     bad = BAD_SAMPLES[kind](data)
     before = snapshot(data)
     sbd = data / "SBD" if "sbd" in kind else None
-    train, val, train_eval = get_dataloaders(data, sbd, batch_size=4, num_workers=0, crop_size=64, val_pad_size=96)
-    with pytest.raises(UserError) as excinfo:
+    with pytest.raises(UserError) as excinfo:  # validation loaders read image sizes as they are built
+        train, val, train_eval = get_dataloaders(data, sbd, batch_size=4, num_workers=0, crop_size=64)
         check_loaders({"train": train, "val": val, "train_eval": train_eval})
     text = single_line(excinfo)
     assert str(bad) in text
@@ -164,14 +162,14 @@ def test_every_listed_sample_is_checked_before_training(data, kind, monkeypatch,
 def test_a_passed_check_is_cached_until_a_file_changes(data, monkeypatch, tmp_path):
     monkeypatch.setenv("VOCSEG_CACHE_DIR", str(tmp_path / "cache"))
     loaders = dict(zip(("train", "val", "train_eval"), get_dataloaders(
-        data, data / "SBD", batch_size=4, num_workers=0, crop_size=64, val_pad_size=96)))
+        data, data / "SBD", batch_size=4, num_workers=0, crop_size=64)))
     assert check_loaders(loaders).startswith("checked ")
     assert "unchanged since their last check" in check_loaders(loaders)
     image, mask = _first(data)
     _mask_with(mask, lambda m: np.where(m == 0, 42, m).astype(np.uint8))  # new size or mtime: checked again
     with pytest.raises(UserError, match=str(mask)):
         check_loaders(loaders)
-    evaluation = {"data_loader": get_val_loader(data, batch_size=4, num_workers=0, val_pad_size=96,
+    evaluation = {"data_loader": get_val_loader(data, batch_size=4, num_workers=0,
                                                 limit_num_samples=2)}
     assert check_loaders(evaluation).startswith("checked 2 samples")
 
@@ -387,20 +385,21 @@ def test_bad_val_sample_fails_before_the_first_iteration(synthetic_voc, tmp_path
 
 @pytest.mark.slow
 def test_worker_error_during_validation_is_one_line(synthetic_voc, tmp_path):
-    """A file broken after its check passed (same size and mtime, so the cache trusts it) fails in a worker."""
+    """A file broken after its check passed (same size and mtime, so the cache trusts it) fails in a worker. A
+    mask: an image is also read for its size when the validation loader is built, before any worker starts."""
     data = Path(shutil.copytree(synthetic_voc, tmp_path / "data"))
     env = make_env(data, tmp_path / "out", TINY_EPOCHS=1, TINY_WORKERS=1)
     assert run_script("training", TINY, env).returncode == 0
     first_run = snapshot(tmp_path / "out")
-    image, _ = _first(data)
-    stat = image.stat()
-    image.write_bytes(b"\0" * stat.st_size)
-    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _, mask = _first(data)
+    stat = mask.stat()
+    mask.write_bytes(b"\0" * stat.st_size)
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     proc = run_script("training", TINY, env)
     assert {p: h for p, h in snapshot(tmp_path / "out").items() if p in first_run} == first_run
-    assert_refused(proc, f"cannot read image {image}", "replace the file")
+    assert_refused(proc, f"cannot read mask {mask}", "replace it")
     # No worker traceback, no copies from Ignite's engines: the message appears once, as the last line.
-    assert "DataLoader worker" not in proc.stderr and proc.stderr.count(f"cannot read image {image}") == 1, proc.stderr
+    assert "DataLoader worker" not in proc.stderr and proc.stderr.count(f"cannot read mask {mask}") == 1, proc.stderr
     runs = sorted((tmp_path / "out" / "tiny").iterdir())
     assert "unchanged since their last check" in (runs[-1] / "training.log").read_text()
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vocseg.config import literal_constants
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = {"benchmark", "load_before", "load_after", "machine", "wall_s"}
 
@@ -47,8 +49,9 @@ def test_run_all_with_dataflow():  # ~5 s
     assert set(dataflow["images_per_s"]) == {"ours", "torchvision_v2", "decode_only"}
     assert all(v > 0 for v in dataflow["images_per_s"].values())
     # Our loader really delivers the training crops: uint8 CHW images and HW masks.
-    assert dataflow["batch_shapes"]["ours"]["image"] == [[4, 3, 480, 480], "uint8"]
-    assert dataflow["batch_shapes"]["torchvision_v2"]["image"] == [[4, 3, 480, 480], "float32"]
+    crop = literal_constants(REPO / "configs/train/baseline_resnet101.py")["crop_size"]
+    assert dataflow["batch_shapes"]["ours"]["image"] == [[4, 3, crop, crop], "uint8"]
+    assert dataflow["batch_shapes"]["torchvision_v2"]["image"] == [[4, 3, crop, crop], "float32"]
     assert summary["failed"] == []
 
 
@@ -77,3 +80,11 @@ def test_sample_check():  # ~5 s
     check(result, "sample_check", ["samples", "s_per_1000", "cached_s_per_1000", "voc_sbd_12031_s", "command"])
     assert result["samples"]["voc"] == 8 and result["samples"]["sbd"] > 0
     assert all(v > 0 for v in result["s_per_1000"].values())
+
+
+def test_memory_estimate_counts_something():
+    (result,), _ = run("memory_estimate.py", "--tiny")
+    check(result, "memory_estimate", ["recipes", "command"])
+    (tiny,) = result["recipes"]
+    assert tiny["params_m"] > 1 and tiny["activations_gib_per_image"] > 0
+    assert tiny["optimizer_state_gib"] < tiny["estimate_gib"]["4"] < tiny["estimate_gib"]["8"]

@@ -69,6 +69,7 @@ def test_offline_session_records_the_config(offline_run):
     params = {name: p["value"] for name, p in task["hyperparams"][ct.SECTION].items()}
     assert params["learning_rate"] == "0.01" and params["batch_size"] == "4" and params["num_epochs"] == "2"
     assert "api_token" not in params and "train_loader" not in params
+    assert task["hyperparams"]["Model"]["backbone_source"]["value"].startswith("none (pretrained_backbone=False")
     assert task["configuration"]["config"]["value"] == (ROOT / CONFIG).read_text()
     artifacts = {a["key"]: Path(a["uri"]) for a in task["execution"]["artifacts"]}
     assert artifacts["config"].read_text() == (ROOT / CONFIG).read_text()

@@ -1,6 +1,7 @@
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -208,6 +209,23 @@ def test_image_and_mask_sizes_differ(data):
     text = message(excinfo)
     assert str(ds.image_paths[0]) in text and str(ds.mask_paths[0]) in text
     assert "96x96" in text and "80x64" in text
+
+
+def test_exif_orientation_is_ignored(data):
+    # A phone-style JPEG whose EXIF says "rotate 90 degrees": its mask matches the stored pixels, unrotated.
+    ds = VOCSegmentation(data, "train")
+    with Image.open(ds.image_paths[0]) as original:
+        pixels = np.asarray(original.convert("RGB"))[:64]
+    save_palette_png(ds.mask_paths[0], read_mask(ds.mask_paths[0])[:64])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW
+    Image.fromarray(pixels).save(ds.image_paths[0], quality=95, exif=exif)
+    raw = np.fromfile(ds.image_paths[0], np.uint8)
+    assert cv2.imdecode(raw, cv2.IMREAD_COLOR).shape == (96, 64, 3)  # the tag is real: OpenCV's default rotates
+    item = ds[0]
+    assert item["image"].shape == (64, 96, 3) and item["mask"].shape == (64, 96)
+    with Image.open(ds.image_paths[0]) as reread:
+        assert np.abs(np.asarray(reread.convert("RGB"), np.int16) - item["image"]).mean() < 2
 
 
 def test_corrupt_image_inside_dataloader_worker(data):

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,32 +62,31 @@ def test_run_writes_every_output(trained):
     assert 0.0 <= metrics["val"]["mIoU"] <= 1.0 and len(metrics["val"]["IoU"]) == 21
     assert Path(metrics["best_model"]).is_file()
     log = (run_dir / "training.log").read_text()
-    for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir)):
+    for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir), "precision fp32",
+                   "backbone weights: none (pretrained_backbone=False"):
         assert needle in log
+    assert metrics["backbone_source"].startswith("none (pretrained_backbone=False") and metrics["precision"] == "fp32"
     checkpoint = torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)
-    assert set(checkpoint) == {"settings", "trainer", "model", "optimizer", "lr_scheduler", "scaler"}
+    assert set(checkpoint) == {"settings", "trainer", "model", "optimizer", "lr_scheduler", "scaler", "best_models"}
     assert checkpoint["settings"] == {"seed": 7, "batch_size": 4, "num_epochs": 2, "accumulation_steps": 1,
                                       "world_size": 1, "iterations_per_epoch": 6}
     assert checkpoint["trainer"]["iteration"] == 12
 
 
-def numpy_miou(model, voc_root, pad):
-    """Independent scoring: OpenCV reads, numpy padding and a bincount confusion matrix."""
+def numpy_miou(model, voc_root):
+    """Independent scoring: OpenCV reads, one image at a time at its own size, a bincount confusion matrix."""
+    from PIL import Image
+
     dataset = VOCSegmentation(voc_root, "val")
     cm = np.zeros((21, 21), dtype=np.int64)
     model.eval()
     for image_path, mask_path in zip(dataset.image_paths, dataset.mask_paths):
         image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
-        from PIL import Image
-
         mask = np.array(Image.open(mask_path))
-        h, w = mask.shape
-        padded = np.zeros((pad, pad, 3), np.uint8)
-        padded[:h, :w] = image
-        x, _ = prepare_batch({"image": torch.from_numpy(padded).permute(2, 0, 1)[None],
-                              "mask": torch.zeros(1, pad, pad, dtype=torch.uint8)}, "cpu")
+        x, _ = prepare_batch({"image": torch.from_numpy(image).permute(2, 0, 1)[None],
+                              "mask": torch.from_numpy(mask)[None]}, "cpu")
         with torch.no_grad():
-            pred = model(x)["out"].argmax(1)[0, :h, :w].numpy()
+            pred = model(x)["out"].argmax(1)[0].numpy()
         keep = mask != 255
         cm += np.bincount(mask[keep].astype(np.int64) * 21 + pred[keep], minlength=441).reshape(21, 21)
     inter = np.diag(cm)
@@ -95,14 +95,23 @@ def numpy_miou(model, voc_root, pad):
     return float(np.nanmean(iou)), float(inter.sum() / cm.sum())
 
 
-def test_metrics_match_independent_numpy(trained, synthetic_voc):
-    run_dir, _ = trained
+def check_against_numpy(run_dir, voc_root):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=False)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)["model"])
-    miou, pixel_accuracy = numpy_miou(model, synthetic_voc, pad=96)
+    miou, pixel_accuracy = numpy_miou(model, voc_root)
     assert metrics["val"]["mIoU"] == pytest.approx(miou, abs=1e-9)
     assert metrics["val"]["pixel_accuracy"] == pytest.approx(pixel_accuracy, abs=1e-9)
+
+
+def test_metrics_match_independent_numpy(trained, synthetic_voc):
+    check_against_numpy(trained[0], synthetic_voc)
+
+
+def test_mixed_and_larger_images_are_scored_unpadded(mixed_size_voc, tmp_path):
+    proc = run_script("training", TINY, make_env(mixed_size_voc, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_numpy(only_run_dir(tmp_path), mixed_size_voc)
 
 
 def test_evaluation_reproduces_training_val_miou(trained, synthetic_voc, tmp_path):
@@ -165,6 +174,52 @@ def last_line(proc):
     return proc.stderr.strip().splitlines()[-1]
 
 
+def kill_when(proc, run_root, ready, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready(run_root):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_resume_keeps_best_models_and_early_stopping(synthetic_voc, tmp_path):
+    # Validation every epoch (6 iterations), a checkpoint every 2: kill once epoch 1's best model is saved and
+    # a later checkpoint holds it. A resumed run that forgot it would keep only epoch 2's model as "best".
+    knobs = dict(TINY_EPOCHS=2, TINY_SAVE_EVERY=2, TINY_ES_PATIENCE=3)
+    full = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "full", **knobs))
+    assert full.returncode == 0, full.stderr[-3000:]
+    full_dir = only_run_dir(tmp_path / "full")
+
+    cmd = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=make_env(synthetic_voc, tmp_path / "killed", **knobs),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    kill_when(proc, tmp_path / "killed", lambda root: list(root.glob("tiny/*/best/best_model_1_*.pt")) and list(
+        root.glob("tiny/*/checkpoints/training_checkpoint_8.pt")))
+    killed_dir = only_run_dir(tmp_path / "killed")
+    (first_best,) = [p.name for p in (killed_dir / "best").glob("best_model_1_*.pt")]
+    checkpoints = sorted((killed_dir / "checkpoints").glob("training_checkpoint_*.pt"),
+                         key=lambda p: int(p.stem.split("_")[-1]))
+    state = torch.load(checkpoints[-1], weights_only=True)
+    assert state["best_models"]["_saved"][0][1] == first_best
+    epoch1_miou = float(first_best.split("=")[1][:-3])
+    assert state["early_stopping"]["best_score"] == pytest.approx(epoch1_miou, abs=1e-4)
+
+    resumed = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "resumed", RESUME_FROM=checkpoints[-1],
+                                                    **knobs))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_dir = only_run_dir(tmp_path / "resumed")
+    names = lambda run: sorted(p.name for p in (run / "best").glob("best_model_*.pt"))  # noqa: E731
+    assert names(resumed_dir) == names(full_dir) and len(names(full_dir)) == 2 and first_best in names(full_dir)
+    final = lambda run: torch.load(run / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)  # noqa: E731
+    assert final(resumed_dir)["best_models"] == final(full_dir)["best_models"]
+    assert final(resumed_dir)["early_stopping"] == final(full_dir)["early_stopping"]
+    best = json.loads((resumed_dir / "metrics.json").read_text())["best_model"]
+    assert Path(best).is_file() and Path(best).parent == resumed_dir / "best"
+
+
 def test_config_syntax_error_names_file_and_line(synthetic_voc, tmp_path):
     bad = tmp_path / "broken.py"
     bad.write_text("seed = 1\nmodel = (\n")
@@ -201,6 +256,22 @@ def test_checkpoint_of_another_model_names_keys(synthetic_voc, tmp_path, trained
     assert proc.returncode != 0
     assert "different model" in last_line(proc) and "backbone." in last_line(proc)
     assert other.read_bytes() == before
+
+
+def test_unreachable_backbone_weights_stop_before_training(synthetic_voc, tmp_path):
+    with socket.socket() as sock:  # a proxy port where nothing listens: the download fails at once, offline
+        sock.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = make_env(synthetic_voc, tmp_path, TINY_PRETRAINED=1, TORCH_HOME=tmp_path / "torch", HTTPS_PROXY=proxy,
+                   https_proxy=proxy)
+    for name in ("NO_PROXY", "no_proxy", "PRETRAINED_BACKBONE"):
+        env.pop(name, None)
+    proc = run_script("training", TINY, env)
+    assert proc.returncode != 0
+    line = last_line(proc)
+    assert line.startswith("error: no ImageNet weights for the mobilenet_v3_large backbone")
+    assert "PRETRAINED_BACKBONE=/path/to/" in line and "pretrained_backbone=False" in line
+    assert "Traceback" not in proc.stderr and "first iteration" not in proc.stdout + proc.stderr
 
 
 def test_missing_weights_for_evaluation(synthetic_voc, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 from vocseg.dataflow import SegmentationSamples
 from vocseg.errors import UserError
-from vocseg.transforms import train_transform, val_transform
+from vocseg.transforms import train_transform
 
 
 def sample(h=100, w=120, seed=0):
@@ -51,16 +51,9 @@ def test_same_seed_same_sample_other_seed_other_sample():
     assert not np.array_equal(outs[0]["image"], outs[2]["image"])
 
 
-def test_val_pads_bottom_right_only():
-    image, mask = sample(90, 80)
-    out = val_transform(96)(image=image, mask=mask)
-    assert np.array_equal(out["image"][:90, :80], image) and np.array_equal(out["mask"][:90, :80], mask)
-    assert (out["mask"][90:] == 255).all() and (out["mask"][:, 80:] == 255).all()
-
-
-def test_image_larger_than_val_pad_size_is_a_clear_error():
+def test_full_resolution_samples_are_the_images_as_they_are():
     image, mask = sample(100, 120)
-    samples = SegmentationSamples([{"image": image, "mask": mask, "id": "2008_000001"}], val_transform(96),
-                                  expected_size=96)
-    with pytest.raises(UserError, match="2008_000001.*val_pad_size=96"):
-        samples[0]
+    out = SegmentationSamples([{"image": image, "mask": mask, "id": "2008_000001"}])[0]
+    assert out["image"].shape == (3, 100, 120) and out["mask"].shape == (100, 120)
+    assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), image) and np.array_equal(out["mask"].numpy(), mask)
+    assert out["size"].tolist() == [100, 120]

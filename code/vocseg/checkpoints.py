@@ -2,8 +2,11 @@
 instead of dumping tracebacks."""
 
 import re
+import shutil
+from contextlib import suppress
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
@@ -30,8 +33,11 @@ class SaveThenRemove(DiskSaver):
         with runtime.uninterrupted():
             super().__call__(checkpoint, filename, metadata)
             for name in self._stale:
-                if name != filename:  # Ignite "removes" a file it is about to write again (the last iteration)
-                    super().remove(name)
+                # Ignite "removes" a file it is about to write again (the last iteration); a resumed run's
+                # best-model record may name files it could not copy over.
+                if name != filename:
+                    with suppress(FileNotFoundError):
+                        super().remove(name)
             self._stale.clear()
 
 
@@ -88,18 +94,35 @@ def check_model_state(model, state: dict, path) -> None:
     raise UserError(f"checkpoint {path} was saved from a different model: {'; '.join(details)}")
 
 
-def resume(to_load: dict, path, env: str = "RESUME_FROM") -> dict:
+def resume(to_load: dict, path, env: str = "RESUME_FROM", optional=()) -> dict:
+    """Restores ``to_load`` from a training checkpoint; keys in ``optional`` (newer additions, e.g. the
+    best-model record) are restored where the checkpoint has them. Returns the checkpoint."""
     checkpoint = load_file(path, "checkpoint", env)
     if "settings" in to_load:
         to_load["settings"].source = path
         if "settings" not in checkpoint:  # written before settings were recorded
             to_load = {k: v for k, v in to_load.items() if k != "settings"}
-    absent = [k for k in to_load if k not in checkpoint]
+    absent = [k for k in to_load if k not in checkpoint and k not in optional]
     if absent:
         raise UserError(f"checkpoint {path} lacks {', '.join(absent)}: resume from a training_checkpoint_*.pt file")
     check_model_state(to_load["model"], checkpoint["model"], path)
-    Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+    Checkpoint.load_objects(to_load={k: v for k, v in to_load.items() if k in checkpoint}, checkpoint=checkpoint)
     return checkpoint
+
+
+def carry_best_models(best: Checkpoint, resumed_from, best_dir) -> list:
+    """Copies the best models a restored record names from the resumed run's best/ folder into this run's;
+    returns the names it could not find there (the record keeps their scores)."""
+    if idist.get_rank() > 0:  # rank 0 alone writes files
+        return []
+    source = Path(resumed_from).resolve().parent.parent / "best"
+    missing = []
+    for item in best._saved:
+        if (source / item.filename).is_file() and source != Path(best_dir).resolve():
+            shutil.copy2(source / item.filename, Path(best_dir) / item.filename)
+        elif not (Path(best_dir) / item.filename).is_file():
+            missing.append(item.filename)
+    return missing
 
 
 def load_weights(model, path, env: str = "WEIGHTS_PATH") -> None:

@@ -6,6 +6,7 @@ import warnings
 from ignite.engine import Events
 
 from vocseg.clearml_session import SECTION, announce_offline_session, config_constants, finish
+from vocseg.models import backbone_source
 from vocseg.voc import VOC_CLASSES
 
 SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]
@@ -34,6 +35,9 @@ class ClearMLTracker:
 
         self.task, self.trainer, self.evaluators, self.best = task, trainer, evaluators, best
         self.output_dir = output_dir
+        source = backbone_source(model)
+        if source:  # where the ImageNet weights came from, next to the hyperparameters
+            task.set_parameter("Model/backbone_source", source)
         with warnings.catch_warnings():
             # Ignite's word for offline mode, which choose_offline() has already announced.
             warnings.filterwarnings("ignore", message=".*running in bypass mode")

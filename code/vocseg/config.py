@@ -138,10 +138,13 @@ RUN_CONTROLS = {
     "es_patience": (_optional(_integer(1)), "None (no early stopping) or an integer >= 1"),
     "num_workers": (_integer(0), "an integer >= 0"),
     "crop_size": (_integer(1), "an integer >= 1"),
-    "val_pad_size": (_integer(1), "an integer >= 1"),
     "num_classes": (_integer(2), "an integer >= 2"),
     "amp": (_one_of("auto", "bf16", "fp16", "off"), "'auto', 'bf16', 'fp16' or 'off'"),
     "sync_bn": (_one_of(True, False), "True or False"),
+    "cudnn_benchmark": (_one_of(True, False), "True or False"),
+    "channels_last": (_one_of(True, False), "True or False"),
+    "compile_model": (lambda v: _one_of(True, False)(v) or isinstance(v, dict),
+                      "True, False or a dict of torch.compile keywords"),
     "dist_timeout": (_optional(_positive_number), "None or a number of seconds > 0"),
     "tta_flip": (_one_of(True, False), "True or False"),
     "save_predictions": (_one_of(True, False), "True or False"),
@@ -164,3 +167,16 @@ def check_constants(path, mutations: Optional[Mapping] = None) -> None:
 
 def check_loaded(config: ConfigObject, path) -> None:
     check_run_controls({key: config[key] for key in RUN_CONTROLS if key in config}, path)
+
+
+def check_seed(config: ConfigObject, peeked) -> None:
+    """The seed was read from the file's text before the config ran (to seed the model it builds): the
+    config must end up with that same value."""
+    actual = config.get("seed")
+    try:
+        same = int(actual) == int(peeked)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise UserError(f"config {config['config_filepath']}: seed is read before the config runs and gave "
+                        f"{peeked!r}, but the config sets {actual!r}: write it as a literal, e.g. seed = 12")

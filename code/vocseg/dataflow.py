@@ -19,6 +19,7 @@ import ignite.distributed as idist
 from vocseg import transforms as T
 from vocseg.datasets import VOCSBDTrain, VOCSegmentation
 from vocseg.errors import UserError
+from vocseg.size_grouped import SizeGroupedBatches, image_sizes
 
 
 def chw_tensor(image: np.ndarray) -> torch.Tensor:
@@ -38,13 +39,11 @@ def chw_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class SegmentationSamples(Dataset):
-    """Applies an albumentations pipeline and returns uint8 CHW image / uint8 HW mask tensors."""
+    """Applies an albumentations pipeline (none: the image as it is) and returns uint8 CHW image / HW mask tensors."""
 
-    def __init__(self, dataset, transform, expected_size: Optional[int] = None, size_key: str = "val_pad_size"):
+    def __init__(self, dataset, transform=None):
         self.dataset = dataset
         self.transform = transform
-        self.expected_size = expected_size
-        self.size_key = size_key
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -52,22 +51,19 @@ class SegmentationSamples(Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.dataset[index]
-        if seed is not None:
-            self.transform.set_random_seed(seed)
-        out = self.transform(image=sample["image"], mask=sample["mask"])
-        image, mask = out["image"], out["mask"]
+        image, mask = sample["image"], sample["mask"]
+        if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
         height, width = sample["mask"].shape
-        if self.expected_size is not None and image.shape[:2] != (self.expected_size, self.expected_size):
-            raise UserError(
-                f"image '{sample['id']}' is {sample['image'].shape[1]}x{sample['image'].shape[0]}, larger than "
-                f"{self.size_key}={self.expected_size}: raise {self.size_key} in the config"
-            )
         return {
             "image": chw_tensor(image),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": index,
             "id": sample["id"],
-            "size": torch.tensor([height, width]),  # before padding, to crop predictions back
+            "size": torch.tensor([height, width]),  # of the original image
         }
 
 
@@ -112,25 +108,6 @@ class SeededShuffleSampler(Sampler):
         return self.num_samples - self.skip_batches * self.batch_size
 
 
-class ShardSampler(Sampler):
-    """Every index exactly once across ranks, no padding: rank r takes r, r + world, ...
-
-    DistributedSampler pads the last shard with repeated images, which would count them twice in a
-    confusion matrix; shards of unequal length are harmless because metrics are reduced only once.
-    """
-
-    def __init__(self, indices, num_replicas: int = 1, rank: int = 0):
-        self.indices = list(indices)
-        self.num_replicas = num_replicas
-        self.rank = rank
-
-    def __iter__(self):
-        return iter(self.indices[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        return len(self.indices[self.rank :: self.num_replicas])
-
-
 def seed_worker(worker_id: int) -> None:
     # Anything a worker draws outside our per-sample seeds (numpy / random in third-party code) is
     # still tied to the loader's seed rather than to the fork.
@@ -160,7 +137,6 @@ def get_dataloaders(
     val_batch_size: Optional[int] = None,
     num_workers: int = 4,
     crop_size: int = 480,
-    val_pad_size: int = 513,
     seed: int = 12,
     train_eval_num_samples: int = 1000,
     limit_train_num_samples: Optional[int] = None,
@@ -169,19 +145,17 @@ def get_dataloaders(
 ):
     """Returns ``(train_loader, val_loader, train_eval_loader)``.
 
-    ``batch_size`` is the total over all processes (each gets ``batch_size // world_size``).
-    The train-evaluation loader scores a fixed, seeded subset of the training images at full
-    resolution, to compare with validation and spot over-fitting.
+    ``batch_size`` and ``val_batch_size`` (default: ``batch_size``) are totals over all processes; each
+    process gets ``batch_size // world_size``. The train-evaluation loader scores a fixed, seeded subset of
+    the training images at full resolution, to compare with validation and spot over-fitting.
     """
     world_size, rank = idist.get_world_size(), idist.get_rank()
-    if batch_size < world_size:
-        raise UserError(f"batch_size={batch_size} is smaller than the {world_size} processes: raise batch_size")
-    val_batch_size = val_batch_size or max(1, batch_size)
+    per_process = per_process_batch(batch_size, "batch_size")
+    val_batch_size = val_batch_size or batch_size
 
     train_raw = _subset(build_train_dataset(voc_root, sbd_root), limit_train_num_samples)
     val_raw = _subset(VOCSegmentation(voc_root, "val"), limit_val_num_samples)
 
-    per_process = batch_size // world_size
     common = _loader_settings(num_workers, pin_memory)
     train_loader = DataLoader(
         SegmentationSamples(train_raw, T.train_transform(crop_size)),
@@ -193,9 +167,9 @@ def get_dataloaders(
 
     n_eval = min(train_eval_num_samples, len(train_raw))
     eval_indices = sorted(np.random.default_rng(seed).choice(len(train_raw), size=n_eval, replace=False).tolist())
-    val_loader = _full_resolution_loader(val_raw, range(len(val_raw)), val_batch_size, val_pad_size, common)
+    val_loader = _full_resolution_loader(val_raw, range(len(val_raw)), val_batch_size, common)
     # Same images as training, but at full resolution without augmentation.
-    train_eval_loader = _full_resolution_loader(train_raw, eval_indices, val_batch_size, val_pad_size, common)
+    train_eval_loader = _full_resolution_loader(train_raw, eval_indices, val_batch_size, common)
     return train_loader, val_loader, train_eval_loader
 
 
@@ -213,21 +187,34 @@ def _loader_settings(num_workers: int, pin_memory: Optional[bool]) -> dict:
                 worker_init_fn=seed_worker)
 
 
-def _full_resolution_loader(raw, indices, batch_size: int, pad_size: int, settings: dict):
-    """Unaugmented images padded to ``pad_size``; each of ``indices`` scored exactly once across processes.
-
-    ``batch_size`` is the total over all processes, like the training batch size.
-    """
+def per_process_batch(total: int, name: str) -> int:
+    """A total batch size split over the processes; one that does not split evenly is an error."""
     world_size = idist.get_world_size()
-    per_process = batch_size // world_size if batch_size >= world_size else batch_size
-    samples = SegmentationSamples(raw, T.val_transform(pad_size), expected_size=pad_size)
-    return DataLoader(samples, batch_size=per_process, sampler=ShardSampler(indices, world_size, idist.get_rank()),
-                      shuffle=False, drop_last=False, **settings)
+    if total < world_size or total % world_size:
+        lower, upper = max(world_size, total // world_size * world_size), (total // world_size + 1) * world_size
+        raise UserError(f"{name}={total} is the total over all processes and does not divide by the {world_size} "
+                        f"processes: set it to a multiple of {world_size} (e.g. {lower} or {upper})")
+    return total // world_size
 
 
-def get_val_loader(voc_root, *, batch_size: int = 4, num_workers: int = 4, val_pad_size: int = 513,
-                   image_set: str = "val", limit_num_samples: Optional[int] = None, pin_memory: Optional[bool] = None):
-    """Full-resolution VOC images (padded to ``val_pad_size``), each exactly once across processes."""
+def _full_resolution_loader(raw, indices, batch_size: int, settings: dict, name: str = "val_batch_size"):
+    """Unaugmented images at their own size (batches of one size, no padding), each of ``indices`` scored
+    exactly once across processes. ``batch_size`` is the total over all processes, like the training one."""
+    indices = list(indices)
+    batches = SizeGroupedBatches(indices, image_sizes(raw, indices), per_process_batch(batch_size, name),
+                                 idist.get_world_size(), idist.get_rank())
+    return DataLoader(SegmentationSamples(raw), batch_sampler=batches, **settings)
+
+
+def images_scored(loader) -> int:
+    """The images a validation loader scores over all processes (its dataset may hold more)."""
+    return getattr(loader.batch_sampler, "num_images", len(loader.dataset))
+
+
+def get_val_loader(voc_root, *, batch_size: int = 4, num_workers: int = 4, image_set: str = "val",
+                   limit_num_samples: Optional[int] = None, pin_memory: Optional[bool] = None):
+    """Full-resolution VOC images at their own size, each exactly once across processes; ``batch_size`` is the
+    total over all processes."""
     raw = _subset(VOCSegmentation(voc_root, image_set), limit_num_samples)
-    return _full_resolution_loader(raw, range(len(raw)), batch_size, val_pad_size,
-                                   _loader_settings(num_workers, pin_memory))
+    return _full_resolution_loader(raw, range(len(raw)), batch_size, _loader_settings(num_workers, pin_memory),
+                                   "batch_size")

@@ -93,7 +93,9 @@ def read_image(path) -> np.ndarray:
     except OSError:
         data = np.empty(0, np.uint8)
     truncated = _truncated_jpeg(data[:2].tobytes(), data[-1024:].tobytes())
-    image = None if truncated or not data.size else cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # EXIF orientation is ignored: the masks were drawn on the stored pixels, and PIL/torchvision read them so too.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = None if truncated or not data.size else cv2.imdecode(data, flags)
     if image is None:
         raise _unreadable_image(path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

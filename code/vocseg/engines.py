@@ -1,7 +1,6 @@
 """Ignite engines: the training step (AMP, accumulation, per-step LR) and the evaluators."""
 
 import functools
-import math
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -9,6 +8,7 @@ import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
 from vocseg.metrics import segmentation_metrics
 from vocseg.transforms import MEAN, STD
@@ -20,53 +20,66 @@ def _mean_std(device: torch.device):
     return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
 
 
-def prepare_batch(batch, device, non_blocking: bool = True):
+def prepare_batch(batch, device, non_blocking: bool = True, channels_last: bool = False):
     """uint8 NCHW images -> normalised float on the device; masks -> int64 with 255 kept."""
     images = batch["image"].to(device, non_blocking=non_blocking).float()
     mean, std = _mean_std(torch.device(device))
     images = (images - mean) / std
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     masks = batch["mask"].to(device, non_blocking=non_blocking).long()
     return images, masks
-
-
-def amp_settings(device: torch.device, amp: str):
-    """``amp`` in {"off", "fp16", "bf16", "auto"}: mixed precision exists here only on CUDA."""
-    if device.type != "cuda" or amp in ("off", None, False):
-        return None
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
 def autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def iteration_seed(seed: int, iteration: int) -> int:
-    return (seed * 1_000_003 + iteration) % (2**63 - 1)
+def iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    # Every rank draws its own dropout masks; rank 0 keeps the single-process numbers.
+    return (seed * 1_000_003 + iteration + rank * 2**40) % (2**63 - 1)
+
+
+NO_NONFINITE = 2**62  # the on-device record's "no non-finite loss so far"
 
 
 def create_trainer(model, optimizer, criterion, lr_scheduler, train_sampler, *, device, seed: int,
-                   amp: str = "auto", accumulation_steps: int = 1) -> Engine:
-    dtype = amp_settings(device, amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+                   amp_dtype=None, accumulation_steps: int = 1, channels_last: bool = False,
+                   compile_model=False, check_every: Sequence[int] = ()) -> Engine:
+    """The training step. ``amp_dtype`` comes from vocseg.precision; ``compile_model`` (True or torch.compile
+    keywords) compiles the training forward only; ``check_every``: the iteration periods (logging, checkpoints)
+    at which a non-finite loss is looked for, before anything registered later runs."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    net = model
+    if compile_model:
+        net = torch.compile(model, **(compile_model if isinstance(compile_model, dict) else {}))
 
     def step(engine: Engine, batch):
         model.train()
-        images, masks = prepare_batch(batch, device)
-        with autocast(device, dtype):
-            outputs = model(images)
-            loss = criterion(outputs, masks)
-        scaler.scale(loss / accumulation_steps).backward()
-        if engine.state.iteration % accumulation_steps == 0:
+        images, masks = prepare_batch(batch, device, channels_last=channels_last)
+        update = engine.state.iteration % accumulation_steps == 0
+        # Under DDP, gradients are all-reduced only on the step that updates the weights.
+        no_sync = model.no_sync() if not update and hasattr(model, "no_sync") else nullcontext()
+        with no_sync:
+            with autocast(device, amp_dtype):
+                loss = criterion(net(images), masks)
+            scaler.scale(loss / accumulation_steps).backward()
+        if update:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
-        return {"batch_loss": loss.detach()}
+        loss = loss.detach()
+        _record_nonfinite(engine.state, loss, engine.state.iteration)
+        return {"batch_loss": loss}
 
     trainer = Engine(step)
     trainer.scaler = scaler
+    trainer.state.nan_iteration = None
+
+    @trainer.on(Events.STARTED)
+    def _no_nonfinite_yet(engine: Engine) -> None:
+        engine.state.first_nonfinite = torch.tensor(NO_NONFINITE, device=device)
 
     @trainer.on(Events.EPOCH_STARTED)
     def _position_sampler(engine: Engine) -> None:
@@ -75,25 +88,52 @@ def create_trainer(model, optimizer, criterion, lr_scheduler, train_sampler, *, 
         train_sampler.set_epoch(engine.state.epoch - 1)
         train_sampler.skip_batches = engine.state.iteration % engine.state.epoch_length
 
+    rank = idist.get_rank()
+
     @trainer.on(Events.ITERATION_STARTED)
     def _seed_iteration(engine: Engine) -> None:
-        # Dropout and any other in-model randomness depend on the iteration only, so an interrupted and
-        # resumed run draws the same numbers as an uninterrupted one.
-        torch.manual_seed(iteration_seed(seed, engine.state.iteration))
+        # Dropout and any other in-model randomness depend on the iteration and rank only, so an interrupted
+        # and resumed run draws the same numbers as an uninterrupted one.
+        torch.manual_seed(iteration_seed(seed, engine.state.iteration, rank))
 
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _stop_on_nan(engine: Engine) -> None:
-        loss = engine.state.output["batch_loss"]
+    _attach_nonfinite_check(trainer, check_every)
+    return trainer
+
+
+def _record_nonfinite(state, loss: torch.Tensor, iteration: int) -> None:
+    # On the device: the step never waits for the GPU; the record is read at the check boundaries only.
+    first = state.first_nonfinite
+    state.first_nonfinite = torch.where(~torch.isfinite(loss) & (first == NO_NONFINITE),
+                                        torch.full_like(first, iteration), first)
+
+
+def _attach_nonfinite_check(trainer: Engine, check_every: Sequence[int]) -> None:
+    periods = [int(n) for n in check_every if n]
+
+    def boundary(engine, iteration):
+        return iteration % engine.state.epoch_length == 0 or any(iteration % n == 0 for n in periods)
+
+    # COMPLETED too: a run stopped between boundaries (a preemption signal) saves a checkpoint then.
+    @trainer.on(Events.ITERATION_COMPLETED(event_filter=boundary) | Events.COMPLETED)
+    def _stop_on_nonfinite(engine: Engine) -> None:
+        first = engine.state.first_nonfinite
         if idist.get_world_size() > 1:
             # One rank's NaN reaches every rank's weights through the gradient all-reduce: all ranks must
-            # stop at that step, or rank 0 would go on to checkpoint the ruined weights.
-            loss = idist.all_reduce(loss.clone())
-        if not math.isfinite(float(loss)):
-            engine.state.nan_iteration = engine.state.iteration
+            # stop together, or rank 0 would go on to checkpoint the ruined weights.
+            first = idist.all_reduce(first.clone(), op="MIN")
+        first = int(first)  # the one host sync, at a boundary
+        if first != NO_NONFINITE:
+            engine.state.nan_iteration = first
             engine.terminate()
 
-    trainer.state.nan_iteration = None
-    return trainer
+
+def main_scores(model, images: torch.Tensor) -> torch.Tensor:
+    """The main head's class scores at the input size: the auxiliary head (a training loss) is not computed."""
+    if isinstance(model, _SimpleSegmentationModel) and model.aux_classifier is not None:
+        out = model.classifier(model.backbone(images)["out"])
+        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    out = model(images)
+    return out["out"] if isinstance(out, dict) else out
 
 
 @torch.no_grad()
@@ -105,8 +145,7 @@ def predict(model, images: torch.Tensor, flip: bool = False, scales: Sequence[fl
         x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
         variants = [x, x.flip(-1)] if flip else [x]
         for i, v in enumerate(variants):
-            out = model(v)
-            out = out["out"] if isinstance(out, dict) else out
+            out = main_scores(model, v)
             if i == 1:
                 out = out.flip(-1)
             if out.shape[-2:] != (height, width):
@@ -115,20 +154,39 @@ def predict(model, images: torch.Tensor, flip: bool = False, scales: Sequence[fl
     return total / (len(scales) * (2 if flip else 1))
 
 
-def create_evaluator(model, *, device, amp: str = "auto", flip: bool = False, scales: Sequence[float] = (1.0,),
-                     num_classes: int = 21) -> Engine:
-    dtype = amp_settings(device, amp)
+def create_evaluator(model, *, device, amp_dtype=None, flip: bool = False, scales: Sequence[float] = (1.0,),
+                     num_classes: int = 21, channels_last: bool = False) -> Engine:
     # Shards of unequal length must not meet a collective inside DDP's forward: evaluate the bare module.
     net = getattr(model, "module", model)
 
     def step(engine: Engine, batch):
         net.eval()
-        images, masks = prepare_batch(batch, device)
-        with autocast(device, dtype):
+        images, masks = prepare_batch(batch, device, channels_last=channels_last)
+        with autocast(device, amp_dtype):
             scores = predict(net, images, flip=flip, scales=scales)
         return {"y_pred": scores, "y": masks}
 
     evaluator = Engine(step)
+
+    benchmark = []
+
+    @evaluator.on(Events.STARTED)
+    def _no_cudnn_autotuning(_):
+        # Full-resolution images come in many sizes: autotuning every new shape would cost more than it saves.
+        benchmark.append(torch.backends.cudnn.benchmark)
+        torch.backends.cudnn.benchmark = False
+
+    @evaluator.on(Events.COMPLETED | Events.TERMINATE)
+    def _restore_cudnn_autotuning(_):
+        if benchmark:
+            torch.backends.cudnn.benchmark = benchmark.pop()
+
+    @evaluator.on(Events.EXCEPTION_RAISED)
+    def _restore_and_reraise(engine, exc):
+        # Ignite raises no further once an EXCEPTION_RAISED handler exists: raise it again, or a failed
+        # validation would pass as one without metrics.
+        _restore_cudnn_autotuning(engine)
+        raise exc
 
     @evaluator.on(Events.STARTED)
     def _rank0_buffers(_):

@@ -8,9 +8,9 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 
-from vocseg import outputs, runtime, sample_check
+from vocseg import outputs, precision, runtime, sample_check
 from vocseg.checkpoints import load_weights, resolve_weights
-from vocseg.config import check_constants, check_inference, check_loaded, load_config, peek_constant
+from vocseg.config import check_constants, check_inference, check_loaded, check_seed, load_config, peek_constant
 from vocseg.engines import create_evaluator
 from vocseg.metrics import scalar_metrics
 from vocseg.voc import VOC_CLASSES, save_palette_png
@@ -43,10 +43,12 @@ def _save_predictions(evaluator, folder: Path) -> None:
 
 def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     check_constants(config_path, mutations)
-    runtime.seed_everything(int(peek_constant(config_path, "seed", mutations, default=0)))
+    seed = int(peek_constant(config_path, "seed", mutations, default=0))
+    runtime.seed_everything(seed)
     config = load_config(config_path, mutations)
     weights_path = resolve_weights(config.get("weights_path"))  # before the schema check: it names what to set
     check_inference(config)
+    check_seed(config, seed)
     check_loaded(config, config_path)
     checked = sample_check.check_loaders({"data_loader": config.data_loader})
     output_dir = outputs.make_output_dir(config_path)
@@ -58,10 +60,13 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     load_weights(model, weights_path)
     model = model.to(device)
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
-    evaluator = create_evaluator(model, device=device, amp=config.get("amp", "auto"), flip=flip, scales=scales,
+    # Scores are reported in full precision unless the config asks for amp.
+    amp_dtype = precision.amp_dtype(config.get("amp", "off"), device, where=f"config {config_path}")
+    evaluator = create_evaluator(model, device=device, amp_dtype=amp_dtype, flip=flip, scales=scales,
                                  num_classes=int(config.get("num_classes", 21)))
-    logger.info("evaluating %s on %d images | device %s | flip %s | scales %s | output %s", config.weights_path,
-                len(config.data_loader.dataset), device, flip, scales, output_dir)
+    logger.info("evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
+                config.weights_path, len(config.data_loader.dataset), device, precision.describe(amp_dtype), flip,
+                scales, output_dir)
 
     if config.get("save_predictions", False):
         folder = output_dir / "predictions"

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vocseg import precision
 from vocseg.checkpoints import load_weights, resolve_weights
 from vocseg.config import load_config
 from vocseg.dataflow import chw_tensor
-from vocseg.engines import amp_settings, autocast, predict
+from vocseg.engines import autocast, predict
 from vocseg.errors import UserError
 from vocseg.transforms import MEAN, STD
 
@@ -56,7 +57,8 @@ class Predictor:
         load_weights(self.model, resolve_weights(weights, env="--weights"), env="--weights")
         self.model.eval().to(self.device)
         self.flip, self.scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
-        self.dtype = amp_settings(self.device, config.get("amp", "auto"))
+        # Full precision unless the config asks for amp, as the evaluation script.
+        self.dtype = precision.amp_dtype(config.get("amp", "off"), self.device, where=f"config {config_path}")
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 

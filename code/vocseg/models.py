@@ -1,5 +1,7 @@
-"""torchvision DeepLabV3 builders with an ImageNet backbone that never waits on the network."""
+"""torchvision DeepLabV3 builders whose ImageNet backbone either loads from a named source or stops the run."""
 
+import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -7,12 +9,15 @@ import urllib.parse
 from pathlib import Path
 from typing import Optional
 
+import ignite.distributed as idist
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights, ResNet101_Weights, resnet18
-from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models import (MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights, ResNet101_Weights,
+                                resnet18, resnet50, resnet101)
 from torchvision.models import segmentation as seg
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.fcn import FCNHead
 
 from vocseg.checkpoints import load_file
 from vocseg.errors import UserError
@@ -20,7 +25,14 @@ from vocseg.voc import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
-def _deeplabv3_resnet18(*, weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False):
+# Seconds one blocking socket operation of the weights download may take: a dead network fails the run
+# with the fix instead of hanging it (torch.hub's urlopen has no timeout of its own).
+DOWNLOAD_TIMEOUT = 60.0
+# ASPP dilations per output stride, as in the DeepLabV3 paper (6, 12, 18 at 16; doubled at 8).
+_ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
+
+
+def _deeplabv3_resnet18(*, num_classes, aux_loss, output_stride):
     """A CPU-sized DeepLabV3: ResNet-18 read at layer3 (output stride 16) under torchvision's DeepLab head.
 
     torchvision's BasicBlock cannot dilate, so instead of a stride-32 layer4 the head reads layer3, which
@@ -28,67 +40,68 @@ def _deeplabv3_resnet18(*, weights=None, weights_backbone=None, num_classes=NUM_
     """
     if aux_loss:
         raise UserError("the resnet18 backbone has no auxiliary head: set aux_loss=False")
-    backbone = IntermediateLayerGetter(resnet18(weights=weights_backbone), {"layer3": "out"})
+    _check_output_stride("resnet18", output_stride, (16,))
+    backbone = IntermediateLayerGetter(resnet18(), {"layer3": "out"})
     return DeepLabV3(backbone, DeepLabHead(256, num_classes), None)
 
 
+def _dilated_resnet(factory):
+    """torchvision's DeepLabV3-ResNet layout (same module names) with a choice of output stride."""
+
+    def build(*, num_classes, aux_loss, output_stride):
+        _check_output_stride(factory.__name__, output_stride, (8, 16))
+        dilate = [False, output_stride == 8, True]
+        layers = {"layer4": "out", **({"layer3": "aux"} if aux_loss else {})}
+        backbone = IntermediateLayerGetter(factory(replace_stride_with_dilation=dilate), layers)
+        aux = FCNHead(1024, num_classes) if aux_loss else None
+        return DeepLabV3(backbone, DeepLabHead(2048, num_classes, _ASPP_RATES[output_stride]), aux)
+
+    return build
+
+
+def _deeplabv3_mobilenet(*, num_classes, aux_loss, output_stride):
+    _check_output_stride("mobilenet_v3_large", output_stride, (16,))
+    return seg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes,
+                                            aux_loss=aux_loss)
+
+
+def _check_output_stride(name, output_stride, allowed):
+    if output_stride not in allowed:
+        raise UserError(f"output_stride={output_stride} is not available for the {name} backbone: use "
+                        f"{' or '.join(map(str, allowed))}")
+
+
+# name -> (builder, ImageNet weights, default output stride)
 _BUILDERS = {
-    "resnet101": (seg.deeplabv3_resnet101, ResNet101_Weights.IMAGENET1K_V1),
-    "resnet18": (_deeplabv3_resnet18, ResNet18_Weights.IMAGENET1K_V1),
-    "resnet50": (seg.deeplabv3_resnet50, ResNet50_Weights.IMAGENET1K_V1),
-    "mobilenet_v3_large": (seg.deeplabv3_mobilenet_v3_large, MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+    "resnet101": (_dilated_resnet(resnet101), ResNet101_Weights.IMAGENET1K_V1, 8),
+    "resnet18": (_deeplabv3_resnet18, ResNet18_Weights.IMAGENET1K_V1, 16),
+    "resnet50": (_dilated_resnet(resnet50), ResNet50_Weights.IMAGENET1K_V1, 8),
+    "mobilenet_v3_large": (_deeplabv3_mobilenet, MobileNet_V3_Large_Weights.IMAGENET1K_V1, 16),
 }
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _backbone_source(weights) -> str:
-    """'env', 'cache', 'download' or 'none' -- decided without ever blocking on a dead network."""
-    if os.environ.get("PRETRAINED_BACKBONE"):
-        return "env"
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(weights.url).path).name
-    if cached.is_file():
-        return "cache"
-    return "download" if _reachable(weights.url) else "none"
-
-
-def _load_backbone_file(model: nn.Module, path: str, backbone_name: str) -> None:
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"PRETRAINED_BACKBONE={path} does not exist: point it at an ImageNet backbone .pth or unset it")
-    state = load_file(file, "PRETRAINED_BACKBONE file", "PRETRAINED_BACKBONE")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    # ImageNet checkpoints carry a classifier ('fc.*' / 'classifier.*') that the segmentation backbone lacks.
-    backbone_keys = set(model.backbone.state_dict())
-    if not backbone_keys & set(state):
-        raise UserError(f"PRETRAINED_BACKBONE={path} shares no weights with the {type(model.backbone).__name__} backbone")
-    try:
-        result = model.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # same names, other shapes: a checkpoint of another architecture
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise UserError(f"PRETRAINED_BACKBONE={path} does not fit the {backbone_name} backbone: {first}") from None
-    missing = [k for k in result.missing_keys if k in backbone_keys]
-    if missing:
-        log.warning("PRETRAINED_BACKBONE=%s: %d backbone tensors missing, they stay random", path, len(missing))
-
-
 def deeplabv3(backbone: str = "resnet101", num_classes: int = NUM_CLASSES, aux_loss: bool = True,
-              pretrained_backbone: bool = True, bn_momentum: Optional[float] = None) -> nn.Module:
-    """torchvision DeepLabV3 (output stride 8 for ResNets) with an optional ImageNet-pretrained backbone.
+              pretrained_backbone: bool = True, bn_momentum: Optional[float] = None,
+              output_stride: Optional[int] = None) -> nn.Module:
+    """torchvision DeepLabV3 with an ImageNet-pretrained backbone (or none, on purpose).
 
-    ``bn_momentum`` overrides every BatchNorm's running-stats momentum: torchvision's MobileNetV3 uses
-    0.01, which leaves the running statistics near their initial values for the first thousand steps,
-    so a short run from scratch would evaluate far worse than it trains.
+    ``output_stride`` (8 or 16, ResNet-50/101 only; default 8 as torchvision) sets which ResNet stages dilate
+    instead of striding, and the ASPP rates with it. The backbone weights come from ``PRETRAINED_BACKBONE``
+    or torch hub's download/cache; where they came from is ``backbone_source(model)``. ``bn_momentum``
+    overrides every BatchNorm's running-stats momentum: torchvision's MobileNetV3 uses 0.01, which leaves
+    the running statistics near their initial values for the first thousand steps.
     """
-    model = _build(backbone, num_classes, aux_loss, pretrained_backbone)
+    if backbone not in _BUILDERS:
+        raise UserError(f"model backbone '{backbone}' is unknown: use one of {sorted(_BUILDERS)}")
+    builder, weights, default_stride = _BUILDERS[backbone]
+    model = builder(num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride or default_stride)
+    if pretrained_backbone:
+        state, source = _backbone_weights(weights, backbone)
+        _load_backbone(model, state, source, backbone)
+    else:
+        source = "none (pretrained_backbone=False: random init on purpose)"
+    model.backbone_source = source
+    log.info("%s backbone weights: %s", backbone, source)
     if bn_momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -96,24 +109,86 @@ def deeplabv3(backbone: str = "resnet101", num_classes: int = NUM_CLASSES, aux_l
     return model
 
 
-def _build(backbone, num_classes, aux_loss, pretrained_backbone) -> nn.Module:
-    if backbone not in _BUILDERS:
-        raise UserError(f"model backbone '{backbone}' is unknown: use one of {sorted(_BUILDERS)}")
-    builder, weights = _BUILDERS[backbone]
-    source = _backbone_source(weights) if pretrained_backbone else "off"
-    if source in ("cache", "download"):
-        return builder(weights=None, weights_backbone=weights, num_classes=num_classes, aux_loss=aux_loss)
-    model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
-    if source == "env":
-        _load_backbone_file(model, os.environ["PRETRAINED_BACKBONE"], backbone)
-        log.info("backbone weights loaded from PRETRAINED_BACKBONE=%s", os.environ["PRETRAINED_BACKBONE"])
-    elif source == "none":
-        log.warning(
-            "No ImageNet weights for the %s backbone (%s is unreachable and not in the torch hub cache): "
-            "training from random init. Set PRETRAINED_BACKBONE=/path/to/%s to use a local copy.",
-            backbone, weights.url, Path(weights.url).name,
-        )
-    return model
+def backbone_source(model: nn.Module) -> Optional[str]:
+    """Where the model's ImageNet weights came from ("hub URL (sha256 ...)", "file PATH (sha256 ...)", "none ...")."""
+    return getattr(getattr(model, "module", model), "backbone_source", None)
+
+
+def _short_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _backbone_weights(weights, backbone: str):
+    """(state dict, source) from PRETRAINED_BACKBONE, else torch hub; a UserError naming both fixes if neither."""
+    path = os.environ.get("PRETRAINED_BACKBONE", "").strip()
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"PRETRAINED_BACKBONE={path} does not exist: point it at an ImageNet backbone .pth "
+                            "or unset it")
+        state = load_file(path, "PRETRAINED_BACKBONE file", "PRETRAINED_BACKBONE")
+        return state, f"file {path} (sha256 {_short_sha256(path)})"
+    # Once per node: local rank 0 downloads into the hub cache while the others wait, then read the cache.
+    error = None
+    if idist.get_local_rank() > 0:
+        idist.barrier()
+    try:
+        state = _hub_download(weights.url)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError/timeouts are OSErrors; a bad hash RuntimeError
+        state, error = None, exc
+    if idist.get_local_rank() == 0:
+        idist.barrier()
+    if error is not None:
+        reason = " ".join(str(getattr(error, "reason", error)).split())
+        raise UserError(
+            f"no ImageNet weights for the {backbone} backbone: {weights.url} could not be downloaded ({reason}); "
+            f"set PRETRAINED_BACKBONE=/path/to/{Path(weights.url).name} (a local copy) or pretrained_backbone=False "
+            "in the config (random init, on purpose)")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(weights.url).path).name
+    return state, f"hub {weights.url} (sha256 {_short_sha256(cached)})"
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds if previous is None else previous)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _hub_download(url: str) -> dict:
+    # torch.hub's own download: HTTPS_PROXY/NO_PROXY honoured, the file hash-checked, the cache reused.
+    with _socket_timeout(DOWNLOAD_TIMEOUT):
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+
+
+def _load_backbone(model: nn.Module, state, source: str, backbone_name: str) -> None:
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"backbone weights from {source} are not a state dict")
+    backbone_keys = set(model.backbone.state_dict())
+    # MobileNet's segmentation backbone is its `features` block; DDP checkpoints prefix everything with `module.`.
+    for prefix in ("", "module.", "features.", "module.features."):
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if backbone_keys & set(stripped):
+            break
+    else:
+        raise UserError(f"backbone weights from {source} share no tensor with the {backbone_name} backbone: "
+                        "use an ImageNet checkpoint of that architecture")
+    try:
+        # ImageNet checkpoints carry a classifier ('fc.*' / 'classifier.*') that the segmentation backbone lacks.
+        result = model.backbone.load_state_dict(stripped, strict=False)
+    except RuntimeError as exc:  # same names, other shapes: a checkpoint of another architecture
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"backbone weights from {source} do not fit the {backbone_name} backbone: {first}") from None
+    if result.missing_keys:
+        raise UserError(f"backbone weights from {source} lack {len(result.missing_keys)} tensors of the "
+                        f"{backbone_name} backbone (e.g. {result.missing_keys[0]}): use a complete checkpoint")
 
 
 def head_parameters(model: nn.Module):

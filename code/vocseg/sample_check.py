@@ -1,7 +1,7 @@
 """Every listed sample checked once before a run starts, so a bad file fails the run at once, not epochs in.
 
 A check reads what drawing the sample would reject (datasets._SegmentationFiles.check: image header and end
-marker, the whole mask: mode, values, size) and whether a full-resolution loader could pad it. A passed check
+marker, the whole mask: mode, values, size). A passed check
 is remembered in ``$VOCSEG_CACHE_DIR`` (default ``~/.cache/vocseg``) under a key made of every checked file's
 path, size and modification time, so a rerun on unchanged data only stats the files.
 """
@@ -14,10 +14,9 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from vocseg.errors import UserError
 
 log = logging.getLogger(__name__)
-_VERSION = "1"  # bump when the check itself changes, so old passes no longer count
+_VERSION = "2"  # bump when the check itself changes, so old passes no longer count
 
 
 def cache_dir() -> Path:
@@ -37,22 +36,15 @@ def _files_and_indices(samples):
 
 def _key(entries) -> str:
     digest = hashlib.sha256(_VERSION.encode())
-    for files, index, pad, _ in entries:
+    for files, index in entries:
         for path in (files.image_paths[index], files.mask_paths[index]):
             stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{pad}\n".encode())
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def _check(files, index: int, pad, loader_name: str) -> None:
-    height, width = files.check(index)
-    if pad is not None and (height > pad or width > pad):
-        raise UserError(f"image {files.image_paths[index]} is {width}x{height}, larger than {loader_name}'s padded "
-                        f"size {pad}: raise val_pad_size in the config")
-
-
 def _collect(loaders: dict):
-    """{(reader, index): [reader, index, smallest pad size or None, loader name]} and the unchecked loaders."""
+    """[(reader, index)], each sample once, and the names of the loaders that could not be checked."""
     entries, skipped = {}, []
     for name, loader in loaders.items():
         if loader is None:
@@ -61,11 +53,8 @@ def _collect(loaders: dict):
         if files is None:
             skipped.append(name)
             continue
-        pad = getattr(loader.dataset, "expected_size", None)
         for index in indices:
-            entry = entries.setdefault((id(files), index), [files, index, None, name])
-            if pad is not None and (entry[2] is None or pad < entry[2]):
-                entry[2:] = [pad, name]
+            entries.setdefault((id(files), index), (files, index))
     return list(entries.values()), skipped
 
 
@@ -77,8 +66,8 @@ def check_loaders(loaders: dict) -> str:
     if marker.is_file():
         return f"{len(entries)} samples unchanged since their last check ({marker}){note}"
     start = time.perf_counter()
-    for files, index, pad, name in entries:
-        _check(files, index, pad, name)
+    for files, index in entries:
+        files.check(index)
     seconds = time.perf_counter() - start
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)

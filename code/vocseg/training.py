@@ -18,13 +18,15 @@ import torchvision
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
-from vocseg import outputs, runtime, sample_check
-from vocseg.checkpoints import (RunSettings, best_model_checkpointer, newest_complete_checkpoint, resume,
-                                training_checkpointer)
-from vocseg.config import check_constants, check_loaded, check_trainval, load_config, peek_constant
+from vocseg import outputs, precision, runtime, sample_check
+from vocseg.checkpoints import (RunSettings, best_model_checkpointer, carry_best_models, newest_complete_checkpoint,
+                                resume, training_checkpointer)
+from vocseg.config import check_constants, check_loaded, check_seed, check_trainval, load_config, peek_constant
+from vocseg.dataflow import images_scored
 from vocseg.engines import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.metrics import scalar_metrics
+from vocseg.models import backbone_source
 from vocseg.runtime import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
@@ -55,6 +57,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     runtime.seed_everything(seed)  # before the config builds its model
     config = load_config(config_path, mutations)
     check_trainval(config)
+    check_seed(config, seed)
     check_loaded(config, config_path)
     checked = sample_check.check_loaders({"train": config.train_loader, "val": config.val_loader,
                                           "train_eval": config.get("train_eval_loader")})
@@ -67,6 +70,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     checkpointer = _attach_checkpoints(run, output_dir)
     _attach_preemption(run)
     results = _attach_validation(run, output_dir)
+    run.save_after_validation()
     _attach_progress_logging(run)
     tb = outputs.setup_tensorboard(output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every) \
         if idist.get_rank() == 0 else None
@@ -134,13 +138,27 @@ def _device(config, config_path) -> torch.device:
 
 
 def _sync_bn(config, device) -> bool:
-    sync_bn = bool(config.get("sync_bn", False))
-    if sync_bn and device.type == "cpu" and idist.get_world_size() > 1:
-        # torch's SyncBatchNorm raises on CPU tensors at the first training step.
-        log.warning("sync_bn=True ignored: SyncBatchNorm needs GPUs; each CPU process keeps its own BatchNorm "
-                    "statistics (rank 0's are the ones evaluated and saved)")
+    """On by default when several CUDA processes train (BatchNorm then sees the whole batch); ``sync_bn=False``
+    opts out. torch's SyncBatchNorm raises on CPU tensors at the first training step."""
+    requested = config.get("sync_bn")
+    if idist.get_world_size() == 1:
         return False
-    return sync_bn
+    if device.type == "cpu":
+        if requested:
+            log.warning("sync_bn=True ignored: SyncBatchNorm needs GPUs; each CPU process keeps its own BatchNorm "
+                        "statistics (rank 0's are the ones evaluated and saved)")
+        return False
+    return True if requested is None else bool(requested)
+
+
+def _gpu_switches(config, device, model):
+    """cudnn.benchmark (default on) and channels_last (default off: not yet measured faster here), on CUDA."""
+    channels_last = device.type == "cuda" and bool(config.get("channels_last", False))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(config.get("cudnn_benchmark", True))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, channels_last
 
 
 def _build(config, config_path, seed: int) -> SimpleNamespace:
@@ -151,24 +169,30 @@ def _build(config, config_path, seed: int) -> SimpleNamespace:
     if save_every_iters % accumulation_steps:
         raise UserError(f"config {config_path}: save_every_iters={save_every_iters} must be a multiple of "
                         f"accumulation_steps={accumulation_steps} so checkpoints never split an accumulated step")
-    model = idist.auto_model(config.model, sync_bn=_sync_bn(config, device))
+    amp_dtype = precision.amp_dtype(config.get("amp", "auto"), device, where=f"config {config_path}")
+    sync_bn = _sync_bn(config, device)
+    model, channels_last = _gpu_switches(config, device, config.model)
+    model = idist.auto_model(model, sync_bn=sync_bn)
     if device.type == "cpu" and idist.get_world_size() == 1:
         model = model.to(device)
     optimizer, lr_scheduler = config.optimizer, config.lr_scheduler
-    amp, num_classes = config.get("amp", "auto"), int(config.get("num_classes", 21))
+    num_classes, log_every = int(config.get("num_classes", 21)), int(config.get("log_every_iters", 10))
     trainer = create_trainer(model, optimizer, config.criterion.to(device), lr_scheduler, config.train_loader.sampler,
-                             device=device, seed=seed, amp=amp, accumulation_steps=accumulation_steps)
-    evaluators = {tag: create_evaluator(model, device=device, amp=amp, num_classes=num_classes)
-                  for tag in ("train_eval", "val")}
+                             device=device, seed=seed, amp_dtype=amp_dtype, accumulation_steps=accumulation_steps,
+                             channels_last=channels_last, compile_model=config.get("compile_model", False),
+                             check_every=(save_every_iters, log_every))
+    evaluators = {tag: create_evaluator(model, device=device, amp_dtype=amp_dtype, num_classes=num_classes,
+                                        channels_last=channels_last) for tag in ("train_eval", "val")}
     return SimpleNamespace(
-        config=config, device=device, amp=amp, model=model, optimizer=optimizer, trainer=trainer,
-        evaluators=evaluators, train_loader=config.train_loader,
+        config=config, device=device, amp=precision.describe(amp_dtype), sync_bn=sync_bn, model=model,
+        optimizer=optimizer, trainer=trainer, evaluators=evaluators, train_loader=config.train_loader,
         loaders={"train_eval": config.train_eval_loader, "val": config.val_loader},
         to_save={"settings": _run_settings(config, accumulation_steps), "trainer": trainer, "model": model,
                  "optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": trainer.scaler},
         accumulation_steps=accumulation_steps,
         num_epochs=int(config.num_epochs), val_interval=int(config.get("val_interval", 1)),
-        save_every_iters=save_every_iters, log_every=int(config.get("log_every_iters", 10)), best=None)
+        save_every_iters=save_every_iters, log_every=log_every, best=None,
+        backbone_source=backbone_source(model))
 
 
 def _run_settings(config, accumulation_steps: int) -> RunSettings:
@@ -192,13 +216,20 @@ def _resume(run, resume_from, output_dir):
             return None
         resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
     run.to_save["settings"].fixes = f"restore the old settings to continue, or {new_run}"
-    resume(run.to_save, resume_from)
+    resume(run.to_save, resume_from, optional=("best_models", "early_stopping"))
     total = run.num_epochs * len(run.train_loader)
     if run.trainer.state.iteration >= total:  # Ignite would silently start such a run again from iteration 1
         raise UserError(f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
                         f"{total}): nothing left to train; {new_run}")
-    log.info("resumed from %s at iteration %d (epoch %d)", resume_from, run.trainer.state.iteration,
-             run.trainer.state.epoch)
+    missing = carry_best_models(run.best, resume_from, output_dir / "best")
+    stopper = run.to_save.get("early_stopping")
+    log.info("resumed from %s at iteration %d (epoch %d); best models %s%s", resume_from,
+             run.trainer.state.iteration, run.trainer.state.epoch,
+             [item.filename for item in run.best._saved] or "none yet",
+             f"; early stopping counter {stopper.counter} best {stopper.best_score}" if stopper else "")
+    if missing:
+        log.warning("best models %s are not next to %s: their scores still count, the files are not copied",
+                    ", ".join(missing), resume_from)
     return resume_from
 
 
@@ -206,28 +237,39 @@ def _log_header(run, config_path, output_dir) -> None:
     train_loader, val_loader, train_eval_loader = run.train_loader, run.loaders["val"], run.loaders["train_eval"]
     log.info("vocseg %s | torch %s | torchvision %s | ignite %s | python %s", __import__("vocseg").__version__,
              torch.__version__, torchvision.__version__, ignite.__version__, platform.python_version())
-    log.info("device %s | world size %d | amp %s | config %s", run.device, idist.get_world_size(), run.amp, config_path)
+    log.info("device %s | world size %d | precision %s | sync_bn %s | config %s", run.device, idist.get_world_size(),
+             run.amp, "on" if run.sync_bn else "off", config_path)
+    log.info("backbone weights: %s", run.backbone_source or "not recorded (the model is not a vocseg.models build)")
     log.info("train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
-             len(train_loader.dataset), len(train_loader), len(val_loader.dataset),
-             len(train_eval_loader.sampler) * idist.get_world_size() if train_eval_loader is not None else 0)
+             len(train_loader.dataset), len(train_loader), images_scored(val_loader),
+             images_scored(train_eval_loader) if train_eval_loader is not None else 0)
     log.info("output folder %s", output_dir)
 
 
 def _attach_checkpoints(run, output_dir):
-    """Training checkpoints every ``save_every_iters`` and at the end; the best two models by val mIoU."""
+    """Training checkpoints every ``save_every_iters`` and at the end; the best two models by val mIoU. The
+    training checkpoint holds the best-model record and early stopping's state, so a resumed run remembers
+    the scores it has to beat; one that falls at the end of an epoch is written after that epoch's validation.
+    """
+    run.best = best_model_checkpointer(run.model, output_dir / "best", run.trainer)
+    run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
+    run.to_save["best_models"] = run.best
+    if run.config.get("es_patience"):
+        stopper = EarlyStopping(int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"],
+                                trainer=run.trainer)
+        run.evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
+        run.to_save["early_stopping"] = stopper
     checkpointer = training_checkpointer(run.to_save, output_dir / "checkpoints")
 
     def save_checkpoint(engine):
         if engine.state.nan_iteration is None:  # never persist weights that a NaN step already ruined
             checkpointer(engine)
 
-    run.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=run.save_every_iters) | Events.COMPLETED,
-                                  save_checkpoint)
-    run.best = best_model_checkpointer(run.model, output_dir / "best", run.trainer)
-    run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
-    if run.config.get("es_patience"):
-        run.evaluators["val"].add_event_handler(Events.COMPLETED, EarlyStopping(
-            int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"], trainer=run.trainer))
+    every = run.save_every_iters
+    run.trainer.add_event_handler(Events.ITERATION_COMPLETED(
+        event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length != 0) | Events.COMPLETED, save_checkpoint)
+    run.save_after_validation = lambda: run.trainer.add_event_handler(
+        Events.EPOCH_COMPLETED(event_filter=lambda e, _: e.state.iteration % every == 0), save_checkpoint)
     return checkpointer
 
 
@@ -254,6 +296,8 @@ def _attach_preemption(run) -> None:
             engine.terminate()
 
 
+
+
 class _Results:
     """The latest validation results, kept in metrics.json (rank 0) after every validation."""
 
@@ -266,6 +310,7 @@ class _Results:
             outputs.write_json(self.output_dir / "metrics.json", {
                 **self.values, "epoch": self.run.trainer.state.epoch, "iteration": self.run.trainer.state.iteration,
                 "best_model": best and str(self.output_dir / "best" / best), "output_dir": str(self.output_dir),
+                "backbone_source": self.run.backbone_source, "precision": self.run.amp,
                 **(extra or {})})
 
 

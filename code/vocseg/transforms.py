@@ -74,16 +74,3 @@ class RandomScaleCrop(DualTransform):
 def train_transform(crop_size: int = 480, scale_range=(0.5, 2.0), hflip: float = 0.5) -> A.Compose:
     return A.Compose([RandomScaleCrop(crop_size, scale_range, fill=0, fill_mask=IGNORE_INDEX),
                       A.HorizontalFlip(p=hflip)])
-
-
-def val_transform(pad_size: int = 513) -> A.Compose:
-    # Full resolution, padded bottom/right so every image of a batch has one shape; the 255 padding
-    # is ignored by the metrics, so the scores equal those of unpadded images.
-    return A.Compose(
-        [
-            A.PadIfNeeded(
-                pad_size, pad_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX,
-                position="top_left",
-            ),
-        ]
-    )

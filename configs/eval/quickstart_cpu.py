@@ -10,7 +10,7 @@ seed = 12
 device = "cpu"
 amp = "off"
 
-data_loader = get_val_loader(voc_root_from_env(), batch_size=16, num_workers=2, val_pad_size=128)
+data_loader = get_val_loader(voc_root_from_env(), batch_size=16, num_workers=2)
 model = deeplabv3("resnet18", num_classes=21, aux_loss=False, pretrained_backbone=False)
 
 weights_path = os.environ.get("WEIGHTS_PATH")

@@ -16,10 +16,11 @@ batch_size = int(os.environ.get("TINY_BATCH_SIZE", 4))
 num_workers = int(os.environ.get("TINY_WORKERS", 0))
 train_loader, val_loader, train_eval_loader = get_dataloaders(
     voc_root_from_env(), batch_size=batch_size, val_batch_size=4, num_workers=num_workers, crop_size=64,
-    val_pad_size=96, seed=seed, train_eval_num_samples=6,
+    seed=seed, train_eval_num_samples=6,
 )
 num_classes = 21
-model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=False, bn_momentum=0.1)
+model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=bool(int(os.environ.get("TINY_PRETRAINED", 0))),
+                  bn_momentum=0.1)
 
 
 class NaNAfter(torch.nn.Module):
@@ -46,6 +47,6 @@ lr_scheduler = poly_lr(optimizer, optimizer_steps(train_loader, num_epochs, accu
 val_interval = 1
 save_every_iters = int(os.environ.get("TINY_SAVE_EVERY", 2))
 log_every_iters = 2
-es_patience = None
+es_patience = int(os.environ.get("TINY_ES_PATIENCE", 0)) or None
 sync_bn = bool(int(os.environ.get("TINY_SYNC_BN", 0)))
 resume_from = os.environ.get("RESUME_FROM")

@@ -1,4 +1,4 @@
-# Evaluation counterpart of the tiny test configs (same model, same val padding).
+# Evaluation counterpart of the tiny test configs (same model).
 import os
 
 from vocseg.dataflow import get_val_loader
@@ -8,7 +8,7 @@ from vocseg.models import deeplabv3
 seed = 1
 device = "cpu"
 amp = "off"
-data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=0, val_pad_size=96,
+data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=0,
                              limit_num_samples=int(os.environ.get("TINY_VAL_LIMIT", 0)) or None)
 model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=False)
 weights_path = os.environ.get("WEIGHTS_PATH")
