@@ -1,6 +1,7 @@
 """Checkpoint saving and loading with Ignite (local files or ClearML model ids); loading explains mismatches
 instead of dumping tracebacks."""
 
+import logging
 import re
 import shutil
 from contextlib import suppress
@@ -146,24 +147,24 @@ def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):
     return clearml_session.fetch_model_weights(text)
 
 
+def loads(path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        logging.getLogger("vocseg").warning("skipping damaged checkpoint %s (%s)", path, type(exc).__name__)
+        return False
+    return True
+
+
 def newest_complete_checkpoint(folder):
     """The newest ``training_checkpoint_<iteration>.pt`` in ``folder`` that loads, or None.
 
     Saving is atomic (a temporary file renamed into place), so a checkpoint that does not load was damaged
     afterwards (a full disk, a copy cut short): it is skipped with a warning, never resumed from.
     """
-    import logging
-
     found = sorted(Path(folder).glob("training_checkpoint_*.pt"),
                    key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1)
-    for path in reversed(found):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            logging.getLogger("vocseg").warning("skipping damaged checkpoint %s (%s)", path, type(exc).__name__)
-            continue
-        return path
-    return None
+    return next((path for path in reversed(found) if loads(path)), None)
 
 
 class RunSettings:

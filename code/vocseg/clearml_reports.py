@@ -5,7 +5,8 @@ import warnings
 
 from ignite.engine import Events
 
-from vocseg.clearml_session import SECTION, announce_offline_session, config_constants, finish
+from vocseg.clearml_checkpoints import CheckpointUploads, fetch_checkpoint
+from vocseg.clearml_session import SECTION, TASK_FILE, announce_offline_session, config_constants, finish
 from vocseg.models import backbone_source
 from vocseg.voc import VOC_CLASSES
 
@@ -29,12 +30,13 @@ def report_confusion_matrix(logger, cm, iteration: int) -> None:
 class ClearMLTracker:
     """Reports a training run to its task with Ignite's ClearML handlers; created by ``train()``."""
 
-    def __init__(self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger):
+    def __init__(self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger,
+                 checkpointer=None):
         from clearml import OutputModel
         from ignite.handlers.clearml_logger import ClearMLLogger
 
         self.task, self.trainer, self.evaluators, self.best = task, trainer, evaluators, best
-        self.output_dir = output_dir
+        self.output_dir, self.checkpointer, self.uploads = output_dir, checkpointer, None
         source = backbone_source(model)
         if source:  # where the ImageNet weights came from, next to the hyperparameters
             task.set_parameter("Model/backbone_source", source)
@@ -56,6 +58,27 @@ class ClearMLTracker:
         self.model_entry = OutputModel(task=task, name=f"{task.name} best", framework="PyTorch",
                                        label_enumeration={n: i for i, n in enumerate(self.names)})
         self.registered = None
+        if not task.is_offline():
+            # A rerun in this folder (a requeued job, a restarted group) continues this task.
+            (output_dir / TASK_FILE).write_text(task.id)
+            if checkpointer is not None:
+                # Registered after the checkpoint and scalar handlers of the same events: the file exists and
+                # the scalars of its iteration are queued when it is offered.
+                self.uploads = CheckpointUploads(task, output_dir / ".clearml_upload")
+                for event in (Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED, Events.COMPLETED):
+                    trainer.add_event_handler(event, self._offer_checkpoint)
+
+    def _offer_checkpoint(self, engine) -> None:
+        latest = self.checkpointer.last_checkpoint
+        if latest and latest != self.offered:
+            self.offered = latest
+            self.uploads.offer(self.output_dir / "checkpoints" / latest, engine.state.iteration)
+
+    offered = None
+
+    def fetch_checkpoint(self, folder):
+        """The task's training checkpoint, for a run enqueued again with an empty run folder (or None)."""
+        return None if self.task.is_offline() else fetch_checkpoint(self.task, folder)
 
     def _report_class_iou(self, evaluator, tag: str) -> None:
         for name, value in zip(self.names, evaluator.state.metrics["IoU"].tolist()):
@@ -72,8 +95,8 @@ class ClearMLTracker:
 
     def _register_best(self) -> None:
         latest = self.best.last_checkpoint
-        if not latest or latest == self.registered:
-            return
+        if not latest or latest == self.registered or not (self.output_dir / "best" / latest).is_file():
+            return  # (a resumed record may name a best model left on another machine)
         self.registered = latest
         path, epoch = str(self.output_dir / "best" / latest), self.trainer.state.epoch
         if self.task.is_offline():
@@ -97,7 +120,11 @@ class ClearMLTracker:
                                       local_path=str(summary))
         self.clearml.flush()
         state = self.trainer.state
-        if sys.exc_info()[1] is not None or state.nan_iteration is not None or getattr(state, "preempted", ""):
+        unfinished = sys.exc_info()[1] is not None or state.nan_iteration is not None or getattr(state, "preempted", "")
+        if self.uploads is not None:
+            # A run that stops before its end leaves its newest checkpoint on the task for whoever continues it.
+            self.uploads.close(upload_pending=bool(unfinished))
+        if unfinished:
             # Left open, ClearML's exit hook marks the task failed (or stopped); closing it now would mark it
             # completed.
             if self.task.is_offline():

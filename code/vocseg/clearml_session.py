@@ -16,6 +16,8 @@ What a run reports to its task is in ``clearml_reports``; a clone's edits, read 
 processes start, in ``clone_edits``.
 """
 
+import contextlib
+import json
 import os
 import re
 import sys
@@ -33,6 +35,7 @@ from vocseg.errors import UserError, one_line
 PROJECT = "Pascal-VOC12 Training"
 SECTION = "Config"  # hyperparameter section holding the config's constants
 CONFIG_OBJECT = "config"  # configuration object holding the config file's text
+TASK_FILE = "clearml_task_id"  # in the run folder: the task a rerun there continues
 PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
 _IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
@@ -201,8 +204,25 @@ def _entry_point(config_path, script_path, root: Optional[Path] = None) -> dict:
     return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": working_dir}
 
 
-def init_task(config_path, task_type: str = "training", script_path=None, need_server: Optional[str] = None):
-    """Creates this process's ClearML task from a config *path* (the config is not evaluated).
+def task_to_continue(output_dir) -> Optional[str]:
+    """The task a rerun in ``output_dir`` continues (a requeued SLURM job, a restarted torchrun group, the same
+    command again): the one recorded there, if the folder holds a training checkpoint of an unfinished run."""
+    recorded = Path(output_dir) / TASK_FILE if output_dir else None
+    if recorded is None or not recorded.is_file() or running_under_agent():
+        return None
+    if not any((recorded.parent / "checkpoints").glob("training_checkpoint_*.pt")):
+        return None
+    metrics = recorded.parent / "metrics.json"
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(metrics.read_text()).get("completed"):
+            return None
+    return recorded.read_text().strip() or None
+
+
+def init_task(config_path, task_type: str = "training", script_path=None, need_server: Optional[str] = None,
+              continue_id: Optional[str] = None):
+    """Creates this process's ClearML task from a config *path* (the config is not evaluated), or continues
+    task ``continue_id`` (online only).
 
     Records the config file (configuration object and artifact), the script, git state, installed packages
     and an entry point an agent can run. For evaluation scripts: ``init_task(config_path, "testing")``;
@@ -211,10 +231,15 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
     from clearml import Task
 
     _tune_sdk()
-    choose_offline(need_server)
+    offline = choose_offline(need_server)
+    continue_id = None if offline else continue_id
     try:
         task = Task.init(
-            project_name=PROJECT, task_name=Path(config_path).stem, task_type=task_type, reuse_last_task_id=False,
+            project_name=PROJECT, task_name=Path(config_path).stem, task_type=task_type,
+            reuse_last_task_id=continue_id or False,
+            # 0: report at the iterations given, never shifted past the task's last one (the SDK's default
+            # when a task continues, under an agent too); a continued run reports its real iterations.
+            continue_last_task=0,
             # Models are registered explicitly (best checkpoints only); scalars come from Ignite's handlers,
             # not a second time from TensorBoard.
             auto_connect_frameworks={"pytorch": False, "tensorboard": False, "tensorboardx": False},
@@ -222,6 +247,11 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
     except Exception as exc:  # e.g. a server that answers but rejects the credentials
         raise UserError(f"ClearML could not create the task: {one_line(exc)}: check the server and credentials "
                         f"(or unset CLEARML_OUTPUT_PATH to train untracked)") from None
+    if continue_id and task.id == continue_id:
+        say(f"continuing task {task.id}, recorded in the run folder: its curves go on at their own iterations")
+    elif continue_id:
+        say(f"task {continue_id}, recorded in the run folder, could not be continued on this server: the run "
+            f"reports to a new task {task.id}")
     if task.running_locally():
         _record_how_to_rerun(task, config_path, script_path)
     # Under an agent this hands back the (possibly edited) text; clone_edits has already applied it.
@@ -285,10 +315,10 @@ def set_docker(task, config_path) -> None:
     say(f"agents started with --docker run this task in {image} ({arguments})")
 
 
-def prepare(config_path, script_path):
-    """Rank 0's task of a tracked training run (None on the other ranks). Enqueues the run instead, and
-    exits, when a queue is requested. A clone's edits are already in ``config_path`` and the mutations
-    (``clone_edits``, applied before the processes start)."""
+def prepare(config_path, script_path, output_dir=None):
+    """Rank 0's task of a tracked training run (None on the other ranks): a new one, or the one a rerun in
+    ``output_dir`` continues. Enqueues the run instead, and exits, when a queue is requested. A clone's edits
+    are already in ``config_path`` and the mutations (``clone_edits``, applied before the processes start)."""
     queue = requested_queue(config_path)
     if queue and idist.get_world_size() > 1:
         raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
@@ -296,7 +326,8 @@ def prepare(config_path, script_path):
     task, error = None, None
     if idist.get_rank() == 0:
         try:
-            task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}")
+            task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}",
+                             continue_id=None if queue else task_to_continue(output_dir))
             if task.running_locally():
                 task.connect(config_constants(config_path), name=SECTION)
                 set_docker(task, config_path)

@@ -64,17 +64,24 @@ def run_name(config_path=None) -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
 
 
-def make_output_dir(config_path) -> Path:
-    """``<base>/<config stem>/<run name>``, created by rank 0 and shared with the other ranks."""
+def run_dir(config_path) -> Path:
+    """``<base>/<config stem>/<run name>``, chosen by rank 0 and shared with the other ranks (not created yet)."""
     path = None
     if idist.get_rank() == 0:
         path = (output_base() / Path(config_path).stem / run_name(config_path)).resolve()
+    if idist.get_world_size() > 1:
+        path = Path(idist.broadcast(str(path) if path else "", src=0, safe_mode=True))
+    return path
+
+
+def make_output_dir(config_path, path=None) -> Path:
+    """The run folder (``run_dir`` unless given), created by rank 0."""
+    path = path or run_dir(config_path)
+    if idist.get_rank() == 0:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _unwritable(output_base(), exc) from None
-    if idist.get_world_size() > 1:
-        path = Path(idist.broadcast(str(path) if path else "", src=0, safe_mode=True))
     return path
 
 

@@ -43,15 +43,18 @@ def _train_one_rank(source) -> None:
 
     tracker_factory = None
     outputs.check_output_base()
+    output_dir = outputs.run_dir(source.config_path)
     if clearml_session.enabled():
-        # ClearML first: the task may enqueue itself.
-        task = clearml_session.prepare(source.config_path, source.script_path)
+        # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
+        task = clearml_session.prepare(source.config_path, source.script_path, output_dir)
         tracker_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
-    train(source.config_path, source.script_path, mutations=source.mutations or None, tracker_factory=tracker_factory)
+    train(source.config_path, source.script_path, mutations=source.mutations or None, tracker_factory=tracker_factory,
+          output_dir=output_dir)
 
 
-def train(config_path, script_path=None, mutations=None, tracker_factory=None) -> dict:
-    """Runs one training process (one rank). Returns the final metrics (rank 0 writes them too)."""
+def train(config_path, script_path=None, mutations=None, tracker_factory=None, output_dir=None) -> dict:
+    """Runs one training process (one rank). Returns the final metrics (rank 0 writes them too).
+    ``output_dir``: the run folder (default: ``outputs.run_dir``)."""
     check_constants(config_path, mutations)
     seed = int(peek_constant(config_path, "seed", mutations, default=0))
     runtime.seed_everything(seed)  # before the config builds its model
@@ -61,7 +64,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     check_loaded(config, config_path)
     checked = sample_check.check_loaders({"train": config.train_loader, "val": config.val_loader,
                                           "train_eval": config.get("train_eval_loader")})
-    output_dir = outputs.make_output_dir(config_path)
+    output_dir = outputs.make_output_dir(config_path, output_dir)
     logger = runtime.setup_logging(output_dir)
     logger.info("before training: %s", checked)
 
@@ -77,10 +80,10 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None) -
     if idist.get_rank() == 0:
         outputs.copy_sources(output_dir, config_path, script_path)
     tracker = tracker_factory(config=config, output_dir=output_dir, trainer=run.trainer, evaluators=run.evaluators,
-                              optimizer=run.optimizer, model=run.model, best=run.best, logger=logger) \
-        if tracker_factory else None
+                              optimizer=run.optimizer, model=run.model, best=run.best, logger=logger,
+                              checkpointer=checkpointer) if tracker_factory else None
 
-    resumed_from = _resume(run, config.get("resume_from"), output_dir)
+    resumed_from = _resume(run, config.get("resume_from"), output_dir, tracker)
     try:
         run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
     except runtime.Interrupted as exc:
@@ -203,15 +206,19 @@ def _run_settings(config, accumulation_steps: int) -> RunSettings:
                        fixes="restore the old settings to continue, or unset RESUME_FROM to start a new run")
 
 
-def _resume(run, resume_from, output_dir):
+def _resume(run, resume_from, output_dir, tracker=None):
     """From ``RESUME_FROM`` when given, else from the newest complete checkpoint already in the run folder
-    (a restarted, requeued or re-enqueued run finds its own folder again: outputs.run_name). Returns the
-    checkpoint it continued from, or None."""
+    (a restarted, requeued or re-enqueued run finds its own folder again: outputs.run_name), else from the
+    one its ClearML task holds (a task enqueued again on another machine). Returns the checkpoint it
+    continued from, or None."""
     new_run = "unset RESUME_FROM to start a new run"
     if not resume_from:
-        found = newest_complete_checkpoint(output_dir / "checkpoints") if idist.get_rank() == 0 else None
-        if idist.get_world_size() > 1:  # every rank resumes from the file rank 0 chose
+        found, error = _own_checkpoint(output_dir, tracker) if idist.get_rank() == 0 else (None, "")
+        if idist.get_world_size() > 1:  # every rank resumes from the file rank 0 chose, or stops with it
+            error = idist.broadcast(error, src=0, safe_mode=True)
             found = idist.broadcast(str(found or ""), src=0, safe_mode=True) or None
+        if error:
+            raise UserError(error)
         if not found:
             return None
         resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
@@ -231,6 +238,18 @@ def _resume(run, resume_from, output_dir):
         log.warning("best models %s are not next to %s: their scores still count, the files are not copied",
                     ", ".join(missing), resume_from)
     return resume_from
+
+
+def _own_checkpoint(output_dir, tracker):
+    """(newest checkpoint of the run folder, else of its ClearML task (rank 0 alone has a tracker), '') or
+    (None, why it cannot be fetched)."""
+    found = newest_complete_checkpoint(output_dir / "checkpoints")
+    if found is None and tracker is not None:
+        try:
+            found = tracker.fetch_checkpoint(output_dir / "checkpoints")
+        except UserError as exc:
+            return None, str(exc)
+    return found, ""
 
 
 def _log_header(run, config_path, output_dir) -> None:
