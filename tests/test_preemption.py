@@ -1,9 +1,11 @@
 """Runs that know themselves: a stable run folder, automatic resume from it, and a stop signal that checkpoints."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -88,3 +90,35 @@ def test_stop_signal_checkpoints_and_a_rerun_continues_exactly(synthetic_voc, tm
     last = finished.stderr.strip().splitlines()[-1]
     assert finished.returncode == 2 and "ends a finished run (iteration 12 of 12)" in last and "RUN_NAME" in last
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_torchrun_restart_continues_from_the_last_checkpoint(synthetic_voc, tmp_path):
+    from test_distributed import TRAINING, finish, free_port, start, torchrun, workers
+
+    env = make_env(synthetic_voc, tmp_path / "out", TINY_SAVE_EVERY=2)
+    (launcher,) = start([torchrun("--max-restarts=2", "--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING)], env)
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None:
+        if list((tmp_path / "out").glob("tiny/*/checkpoints/training_checkpoint_4.pt")):
+            break
+        time.sleep(0.05)
+    victims = workers([launcher])
+    assert set(victims) == {0, 1}, finish([launcher], 1)[1][-3000:]
+    # kill -9 of one rank mid-epoch: torchrun restarts the whole group, whose processes find their run folder
+    # again and continue from its newest checkpoint (a group restarted over the keys the dead one left in
+    # torchrun's store would not even connect: runtime._restarted_group_store).
+    victims[1].kill()
+    codes, text = finish([launcher], timeout=600)
+    assert codes == [0], text[-3000:]
+    (run_dir,) = (tmp_path / "out" / "tiny").iterdir()  # one run folder, one metrics.json
+    assert json.loads((run_dir / "metrics.json").read_text())["completed"]
+    assert re.search(r"resumed from \S+training_checkpoint_\d+\.pt at iteration \d+", text), text[-3000:]
+
+    reference = subprocess.run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING), cwd=REPO,
+                               env=make_env(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY=2), capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (ref_dir,) = (tmp_path / "ref" / "tiny").iterdir()
+    resumed, uninterrupted = final_weights(run_dir), final_weights(ref_dir)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

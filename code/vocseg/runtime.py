@@ -179,12 +179,37 @@ def parallel_context(config_path, nproc: int = 1, mutations=None):
     # ignite 0.5.5 hands Parallel(timeout=...) to init_process_group only when it spawns the processes
     # itself, never under torchrun: initialise here, and Parallel() runs the function in this group.
     timeout = process_group_timeout(config_path, backend)
-    idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
+    store = _restarted_group_store(timeout)
+    if store is None:
+        idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
+    else:  # ignite adopts a process group that exists (idist syncs from the context)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]),
+                                             **({"timeout": timeout} if timeout else {}))
     try:
         with idist.Parallel() as parallel:
             yield parallel
     finally:
         idist.finalize()
+
+
+def _restarted_group_store(timeout):
+    """The store of a group that torchrun restarted (``--max-restarts``), with a prefix of its own; else None.
+
+    torchrun's default (static) rendezvous keeps one store, served by its agent, through every restart, so
+    the new processes would find the keys the dead group left there (each rank's address) and connect to
+    peers that are gone: a timeout or "connection refused" instead of a restart. A prefix per restart gives
+    each group clean keys (the dynamic c10d rendezvous gets a new store anyway; the prefix costs nothing).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), is_master=False,
+                                       **({"timeout": timeout} if timeout else {}))
+    return torch.distributed.PrefixStore(f"vocseg/restart_{restart}", store)
 
 
 def _free_port() -> int:
