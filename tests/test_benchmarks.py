@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = {"benchmark", "load_before", "load_after", "machine", "wall_s"}
 
 
-def run(script, *args, timeout=300):
+def run(script, *args, timeout=300, env=None):
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
@@ -88,3 +88,14 @@ def test_memory_estimate_counts_something():
     (tiny,) = result["recipes"]
     assert tiny["params_m"] > 1 and tiny["activations_gib_per_image"] > 0
     assert tiny["optimizer_state_gib"] < tiny["estimate_gib"]["4"] < tiny["estimate_gib"]["8"]
+
+
+def test_checkpoint_upload_measures_the_checkpoint_and_says_when_no_server_is_there(tmp_path):
+    import os
+
+    # No ClearML configuration at all: the user's ~/clearml.conf may name a real server.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    (result,), _ = run("checkpoint_upload.py", "--tiny", env={**env, "HOME": str(tmp_path)})
+    check(result, "checkpoint_upload", ["checkpoint", "clearml"])
+    assert result["checkpoint"]["size_mb"] > 7 * result["checkpoint"]["params_m"]  # weights + momentum, 4 bytes each
+    assert result["clearml"] == {"measured": False, "why": "no ClearML server configured"}

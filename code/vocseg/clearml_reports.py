@@ -36,7 +36,7 @@ class ClearMLTracker:
         from ignite.handlers.clearml_logger import ClearMLLogger
 
         self.task, self.trainer, self.evaluators, self.best = task, trainer, evaluators, best
-        self.output_dir, self.checkpointer, self.uploads = output_dir, checkpointer, None
+        self.output_dir, self.checkpointer, self.uploads, self.offered = output_dir, checkpointer, None, None
         source = backbone_source(model)
         if source:  # where the ImageNet weights came from, next to the hyperparameters
             task.set_parameter("Model/backbone_source", source)
@@ -73,8 +73,6 @@ class ClearMLTracker:
         if latest and latest != self.offered:
             self.offered = latest
             self.uploads.offer(self.output_dir / "checkpoints" / latest, engine.state.iteration)
-
-    offered = None
 
     def fetch_checkpoint(self, folder):
         """The task's training checkpoint, for a run enqueued again with an empty run folder (or None)."""

@@ -159,3 +159,5 @@ def test_a_task_whose_agent_vanished_continues_on_another_agent(online_run, chec
     assert at[("train", "batch_loss")] == list(range(1, 17)) and at[("val", "mIoU")] == list(range(1, 9))
     assert continued[("val", "mIoU", 8)] == uninterrupted[("val", "mIoU", 8)]
     assert continued == uninterrupted
+    images = Task.get_task(spot.id).get_debug_samples("val", "image | ground truth | prediction")
+    assert sorted(e["iter"] for e in images) == list(range(1, 9))
