@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 test: install-test
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --durations=10 $(PYTEST_ARGS)
 
 # The SLURM suite, against the cluster sinfo reaches (.ci/run starts ../shared/slurm-local).
 test-slurm: install-test

@@ -10,6 +10,7 @@ from vocseg.clearml_session import SECTION, TASK_FILE, announce_offline_session,
 from vocseg.models import backbone_source
 from vocseg.voc import VOC_CLASSES
 
+GRID = ("val", "image | ground truth | prediction")  # debug image title and series
 SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]
 
 
@@ -55,6 +56,8 @@ class ClearMLTracker:
         # After the best-model checkpointer (registered earlier on the same event), so its file exists.
         evaluators["val"].add_event_handler(Events.COMPLETED, self._after_validation)
         self.names = class_names(int(config.get("num_classes", len(VOC_CLASSES))))
+        self.val_interval = int(config.get("val_interval", 1))
+        trainer.add_event_handler(Events.STARTED, self._number_images_on)
         self.model_entry = OutputModel(task=task, name=f"{task.name} best", framework="PyTorch",
                                        label_enumeration={n: i for i, n in enumerate(self.names)})
         self.registered = None
@@ -67,6 +70,18 @@ class ClearMLTracker:
                 self.uploads = CheckpointUploads(task, output_dir / ".clearml_upload")
                 for event in (Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED, Events.COMPLETED):
                     trainer.add_event_handler(event, self._offer_checkpoint)
+
+    def _number_images_on(self, engine) -> None:
+        """ClearML names a debug image's file by a count of this process's reports of that series: a resumed
+        run would start at 0 again and overwrite the files of the iterations reported before it (the server
+        then shows one image per file). At the start, before any report, the count continues from the
+        validations the resumed run already did."""
+        from clearml.backend_interface.metrics.events import UploadEvent
+
+        counters = getattr(UploadEvent, "_metric_counters", None)
+        done = engine.state.iteration // engine.state.epoch_length // self.val_interval
+        if done and isinstance(counters, dict):
+            counters["_".join(GRID)] = done - 1
 
     def _offer_checkpoint(self, engine) -> None:
         latest = self.checkpointer.last_checkpoint
@@ -87,7 +102,7 @@ class ClearMLTracker:
         epoch = self.trainer.state.epoch
         grid = getattr(evaluator.state, "grid", None)
         if grid is not None:
-            self.clearml.report_image("val", "image | ground truth | prediction", iteration=epoch, image=grid)
+            self.clearml.report_image(*GRID, iteration=epoch, image=grid)
         if not self.task.is_offline():
             self._register_best()  # uploads (to output_uri, if any) in the background while training goes on
 

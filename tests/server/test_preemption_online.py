@@ -26,10 +26,12 @@ def values_of(task) -> dict:
 
 def test_a_stopped_run_started_again_in_its_folder_continues_its_task(online_run, checkout, server_env,
                                                                       synthetic_voc, tmp_path):
+    """As a SLURM job sees itself (its id names the run folder), USR1-stopped, then requeued; no cluster needed:
+    the SLURM suite runs the real requeue without a server."""
     from clearml import Task
 
     env = {**server_env, "CLEARML_OUTPUT_PATH": str(tmp_path / "out"), "DATASET_PATH": str(synthetic_voc),
-           "RUN_NAME": "spot"}
+           "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"}
     proc = subprocess.Popen(TRAIN, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -39,13 +41,14 @@ def test_a_stopped_run_started_again_in_its_folder_continues_its_task(online_run
     assert proc.wait(timeout=300) == 75, "".join(lines[-30:])
     first = "".join(lines)
     task_id = task_id_of(first)
-    run_dir = tmp_path / "out" / "tiny_clearml" / "spot"
+    run_dir = tmp_path / "out" / "tiny_clearml" / "slurm-4242"
     assert (run_dir / "clearml_task_id").read_text() == task_id
     stopped_at = re.search(r"stopped at iteration (\d+)", first).group(1)  # never an epoch's last (2)
     held = Task.get_task(task_id).artifacts["training_checkpoint"]
     assert held.metadata["iteration"] == stopped_at and Path(held.url).name == f"training_checkpoint_{stopped_at}.pt"
 
-    again = subprocess.run(TRAIN, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(TRAIN, cwd=checkout, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
+                           text=True, timeout=300)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-4000:]
     assert f"continuing task {task_id}, recorded in the run folder" in output and "created new task" not in output
