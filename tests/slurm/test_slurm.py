@@ -72,6 +72,9 @@ def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupt
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
         wait_for(lambda: job_state(job).get("Restarts") == "1", 120, "the job to requeue itself")
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        # Right after the requeue the job can still show the first run's end (its script exits 75): wait for
+        # the second run's script to start before reading an end state.
+        wait_for(lambda: f"job {job} run 1:" in log.read_text(), 300, "the requeued job to start")
         state = wait_for(lambda: job_state(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
                          and job_state(job), 600, "the requeued job to end")
     finally:
