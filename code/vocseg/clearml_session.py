@@ -31,6 +31,7 @@ import ignite.distributed as idist
 from vocseg.checkout import find_checkout
 from vocseg.config import literal_constants, peek_constant
 from vocseg.errors import UserError, one_line
+from vocseg.runtime import from_rank_zero
 
 PROJECT = "Pascal-VOC12 Training"
 SECTION = "Config"  # hyperparameter section holding the config's constants
@@ -323,25 +324,21 @@ def prepare(config_path, script_path, output_dir=None):
     if queue and idist.get_world_size() > 1:
         raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
                         "(python -m py_config_runner ...), not with torchrun")
-    task, error = None, None
-    if idist.get_rank() == 0:
-        try:
-            task = init_task(config_path, "training", script_path, need_server=queue and f"CLEARML_QUEUE={queue}",
-                             continue_id=None if queue else task_to_continue(output_dir))
-            if task.running_locally():
-                task.connect(config_constants(config_path), name=SECTION)
-                set_docker(task, config_path)
-                if queue:
-                    say(f"enqueueing the task in queue {queue!r}; this process exits")
-                    task.execute_remotely(queue_name=queue, exit_process=True)
-        except UserError as exc:
-            error = str(exc)
-    if idist.get_world_size() > 1:
-        # The other ranks must not wait forever when rank 0 gave up.
-        error = idist.broadcast(error or "", src=0, safe_mode=True)
-    if error:
-        raise UserError(error)
-    return task
+    made = {}
+
+    def set_up():  # rank 0's; the task object stays in this process
+        task = made["task"] = init_task(config_path, "training", script_path,
+                                        need_server=queue and f"CLEARML_QUEUE={queue}",
+                                        continue_id=None if queue else task_to_continue(output_dir))
+        if task.running_locally():
+            task.connect(config_constants(config_path), name=SECTION)
+            set_docker(task, config_path)
+            if queue:
+                say(f"enqueueing the task in queue {queue!r}; this process exits")
+                task.execute_remotely(queue_name=queue, exit_process=True)
+
+    from_rank_zero("setting up its ClearML task", set_up)
+    return made.get("task")
 
 
 def unusable_server() -> Optional[tuple]:

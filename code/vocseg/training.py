@@ -213,12 +213,9 @@ def _resume(run, resume_from, output_dir, tracker=None):
     continued from, or None."""
     new_run = "unset RESUME_FROM to start a new run"
     if not resume_from:
-        found, error = _own_checkpoint(output_dir, tracker) if idist.get_rank() == 0 else (None, "")
-        if idist.get_world_size() > 1:  # every rank resumes from the file rank 0 chose, or stops with it
-            error = idist.broadcast(error, src=0, safe_mode=True)
-            found = idist.broadcast(str(found or ""), src=0, safe_mode=True) or None
-        if error:
-            raise UserError(error)
+        # Every rank resumes from the file rank 0 chose (and may have fetched), or stops with its error.
+        found = runtime.from_rank_zero("choosing the checkpoint to resume from",
+                                       functools.partial(_own_checkpoint, output_dir, tracker))
         if not found:
             return None
         resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
@@ -241,15 +238,12 @@ def _resume(run, resume_from, output_dir, tracker=None):
 
 
 def _own_checkpoint(output_dir, tracker):
-    """(newest checkpoint of the run folder, else of its ClearML task (rank 0 alone has a tracker), '') or
-    (None, why it cannot be fetched)."""
+    """The newest checkpoint of the run folder, else of its ClearML task (rank 0 alone has a tracker), else None.
+    Raises UserError when the task's cannot be fetched."""
     found = newest_complete_checkpoint(output_dir / "checkpoints")
     if found is None and tracker is not None:
-        try:
-            found = tracker.fetch_checkpoint(output_dir / "checkpoints")
-        except UserError as exc:
-            return None, str(exc)
-    return found, ""
+        found = tracker.fetch_checkpoint(output_dir / "checkpoints")
+    return found
 
 
 def _log_header(run, config_path, output_dir) -> None:
