@@ -130,15 +130,23 @@ def fetch_checkpoint(task, folder: Path) -> Optional[Path]:
     if artifact is None or not artifact.url:
         return None
     where = f"ClearML task {task.id} holds training checkpoint {artifact.url}"
+    from clearml import StorageManager
+
     started = time.monotonic()
-    local = artifact.get_local_copy(extract_archive=False, raise_on_error=False)
-    if not local:
-        raise UserError(f"{where}, but it could not be downloaded: enqueue the task again once its storage "
-                        "answers, or clone it to start a new run")
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / Path(artifact.url).name
-    shutil.copyfile(local, target.with_suffix(".part"))
-    os.replace(target.with_suffix(".part"), target)
+    # Straight into the run folder, not through ClearML's cache: one copy of a file of several hundred MB.
+    # The storage helper rebuilds the URL's folders under the staging folder; only the file is kept.
+    staging = folder / ".clearml_fetch"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        local = StorageManager.download_file(artifact.url, local_folder=str(staging), overwrite=True,
+                                             silence_errors=True)
+        if not local:
+            raise UserError(f"{where}, but it could not be downloaded: enqueue the task again once its storage "
+                            "answers, or clone it to start a new run")
+        os.replace(local, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if not loads(target):
         target.unlink()
         raise UserError(f"{where}, but the downloaded file is not a readable checkpoint: clone the task to start "

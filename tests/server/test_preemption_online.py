@@ -157,6 +157,7 @@ def test_a_task_whose_agent_vanished_continues_on_another_agent(online_run, chec
     log = console_text(Task.get_task(spot.id))
     assert f"from ClearML task {spot.id}" in log and "fetched training checkpoint training_checkpoint_" in log
     assert " at iteration " in log.split("fetched training checkpoint", 1)[1]
+    assert not list((tmp_path / "second" / "out").rglob(".clearml_fetch"))  # downloaded straight into the run folder
     continued, uninterrupted = values_of(Task.get_task(spot.id)), values_of(Task.get_task(reference.id))
     at = iterations_of([(*key, v) for key, v in continued.items()])
     assert at[("train", "batch_loss")] == list(range(1, 17)) and at[("val", "mIoU")] == list(range(1, 9))
