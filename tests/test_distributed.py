@@ -250,6 +250,8 @@ def _rank_zero_work(_local_rank, out_dir):
             raise UserError("checkpoint x.pt does not load")
         return {"chosen": f"picked by rank {idist.get_rank()}"}
 
+    if idist.get_rank() == 0:
+        time.sleep(2.5)  # busy before it gets there too (training creates rank 0's ClearML tracker first)
     results = []
     for sleep_s, wait_s, fail in [(2.5, 60, False), (0, 60, True), (4, 1, False)]:
         try:
