@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 # Two pytest workers, a test file each at a time (its fixtures built once): most of a test's time is spent
-# waiting on the training processes it starts, so two files share 2 cores well (883 s -> 458 s measured).
+# waiting on the training processes it starts, so two files share 2 cores well (883 s -> 388-458 s measured).
 # TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
 test: install-test
