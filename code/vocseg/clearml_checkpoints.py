@@ -129,9 +129,9 @@ def fetch_checkpoint(task, folder: Path) -> Optional[Path]:
     artifact = task.artifacts.get(ARTIFACT)
     if artifact is None or not artifact.url:
         return None
-    where = f"ClearML task {task.id} holds training checkpoint {artifact.url}"
     from clearml import StorageManager
 
+    where = f"ClearML task {task.id} holds training checkpoint {artifact.url}"
     started = time.monotonic()
     target = folder / Path(artifact.url).name
     # Straight into the run folder, not through ClearML's cache: one copy of a file of several hundred MB.
