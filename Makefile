@@ -7,7 +7,7 @@ DEMO_DATA := data/synthetic
 # Where the demo's run folder goes (shell syntax: expanded by each recipe line).
 DEMO_OUT := $${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml}
 
-.PHONY: install install-test test test-slurm test-server demo bench clean
+.PHONY: install install-test lint format test test-slurm test-server demo bench clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,17 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 # waiting on the training processes it starts, so two files share 2 cores well (883 s -> 388-458 s measured).
 # TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
-test: install-test
+test: install-test lint
 	$(BIN)/python -m pytest -ra --durations=10 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# ruff's lint and format check (settings in pyproject.toml); `make format` rewrites the files.
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The SLURM suite, against the cluster sinfo reaches (.ci/run starts ../shared/slurm-local).
 test-slurm: install-test

@@ -34,8 +34,15 @@ def machine() -> dict:
 
 def emit(benchmark: str, results: dict, load_before: list, started: float, **extra) -> None:
     """Prints the benchmark's single JSON result line (stdout; progress goes to stderr)."""
-    line = {"benchmark": benchmark, **results, "load_before": load_before, "load_after": load(),
-            "machine": machine(), "wall_s": round(time.time() - started, 2), **extra}
+    line = {
+        "benchmark": benchmark,
+        **results,
+        "load_before": load_before,
+        "load_after": load(),
+        "machine": machine(),
+        "wall_s": round(time.time() - started, 2),
+        **extra,
+    }
     print(json.dumps(line), flush=True)
 
 

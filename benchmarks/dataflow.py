@@ -87,15 +87,17 @@ def torchvision_v2_transform(crop_size: int, short_side: int):
                 return inpt
             return F.pad(inpt, padding=params["padding"], fill=255 if isinstance(inpt, tv_tensors.Mask) else 0)
 
-    return v2.Compose([
-        # Shorter side drawn in [0.5, 2.0] x 375 = scale 0.5-2.0 of the benchmark's 500x375 images.
-        v2.RandomResize(min_size=round(0.5 * short_side), max_size=round(2.0 * short_side) + 1),
-        PadIfSmaller(),
-        v2.RandomCrop(crop_size),
-        v2.RandomHorizontalFlip(0.5),
-        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-        v2.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
-    ])
+    return v2.Compose(
+        [
+            # Shorter side drawn in [0.5, 2.0] x 375 = scale 0.5-2.0 of the benchmark's 500x375 images.
+            v2.RandomResize(min_size=round(0.5 * short_side), max_size=round(2.0 * short_side) + 1),
+            PadIfSmaller(),
+            v2.RandomCrop(crop_size),
+            v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
+        ]
+    )
 
 
 class TorchvisionV2:
@@ -131,15 +133,22 @@ def build_loaders(root: Path, args):
     from vocseg.dataflow import get_dataloaders
     from vocseg.datasets import VOCSegmentation
 
-    ours = get_dataloaders(root, batch_size=args.batch_size, num_workers=args.workers, crop_size=args.crop_size,
-                           seed=12)[0]
+    ours = get_dataloaders(
+        root, batch_size=args.batch_size, num_workers=args.workers, crop_size=args.crop_size, seed=12
+    )[0]
     voc = VOCSegmentation(root, "train")
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
-                  pin_memory=ours.pin_memory, persistent_workers=args.workers > 0)
+    common = dict(
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=ours.pin_memory,
+        persistent_workers=args.workers > 0,
+    )
 
     def loader(dataset, seed):
-        return DataLoader(dataset, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)),
-                          **common)
+        return DataLoader(
+            dataset, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)), **common
+        )
 
     return {
         "ours": ours,
@@ -155,8 +164,9 @@ def one_epoch(loader, epoch: int):
     start = time.perf_counter()
     for batch in loader:
         images += batch["image"].shape[0]
-        shapes = shapes or {k: [list(batch[k].shape), str(batch[k].dtype).replace("torch.", "")]
-                            for k in ("image", "mask")}
+        shapes = shapes or {
+            k: [list(batch[k].shape), str(batch[k].dtype).replace("torch.", "")] for k in ("image", "mask")
+        }
     return images, time.perf_counter() - start, shapes
 
 
@@ -172,12 +182,12 @@ def main(argv=None):
             make_synthetic_voc(root, args.images, 1, size=IMAGE_SIZE, seed=0)
         loaders = build_loaders(root, args)
         shapes, totals, rounds = {}, {name: [0, 0.0] for name in loaders}, []
-        for name, loader in loaders.items():  # warm-up: starts the persistent workers, fills caches
+        for loader in loaders.values():  # warm-up: starts the persistent workers, fills caches
             one_epoch(loader, 1000)
         for r in range(args.rounds):
             row = {}
             # Rotate the order so that no variant always runs first (or last) in a round.
-            names = list(loaders)[r % len(loaders):] + list(loaders)[: r % len(loaders)]
+            names = list(loaders)[r % len(loaders) :] + list(loaders)[: r % len(loaders)]
             for name in names:
                 n, seconds, shapes[name] = one_epoch(loaders[name], r)
                 totals[name][0] += n
@@ -189,17 +199,28 @@ def main(argv=None):
 
     vs_tv = ips["ours"] / ips["torchvision_v2"]
     vs_decode = ips["ours"] / ips["decode_only"]
-    C.emit("dataflow", {
-        "images_per_s": ips,
-        "ours_vs_torchvision_v2": round(vs_tv, 3),
-        "ours_vs_decode_only": round(vs_decode, 3),
-        "targets": {"ours_vs_torchvision_v2>=1.3": vs_tv >= 1.3, "ours_vs_decode_only>=0.7": vs_decode >= 0.7},
-        "rounds": rounds,
-        "batch_shapes": shapes,
-        "settings": {"workers": args.workers, "batch_size": args.batch_size, "crop_size": args.crop_size,
-                     "images_per_epoch": args.images, "rounds": args.rounds, "image_hw": list(IMAGE_SIZE),
-                     "tiny": args.tiny},
-    }, load_before, started)
+    C.emit(
+        "dataflow",
+        {
+            "images_per_s": ips,
+            "ours_vs_torchvision_v2": round(vs_tv, 3),
+            "ours_vs_decode_only": round(vs_decode, 3),
+            "targets": {"ours_vs_torchvision_v2>=1.3": vs_tv >= 1.3, "ours_vs_decode_only>=0.7": vs_decode >= 0.7},
+            "rounds": rounds,
+            "batch_shapes": shapes,
+            "settings": {
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "crop_size": args.crop_size,
+                "images_per_epoch": args.images,
+                "rounds": args.rounds,
+                "image_hw": list(IMAGE_SIZE),
+                "tiny": args.tiny,
+            },
+        },
+        load_before,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,19 @@ import _common as C
 
 VARIANTS = ["fp32", "fp16_amp", "bf16_amp", "bf16_cudnn_benchmark", "bf16_channels_last", "bf16_compile"]
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "V100": 125.0,
+}
 COMMAND = "python benchmarks/gpu.py"
 
 
@@ -71,8 +82,9 @@ def build(args, device, variant):
     net = torch.compile(model) if variant == "bf16_compile" else model
     criterion = DeepLabLoss(aux_weight=0.4)
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (args.batch_size, 3, args.crop_size, args.crop_size), generator=g,
-                           dtype=torch.uint8).to(device)
+    images = torch.randint(
+        0, 256, (args.batch_size, 3, args.crop_size, args.crop_size), generator=g, dtype=torch.uint8
+    ).to(device)
     masks = torch.randint(0, 21, (args.batch_size, args.crop_size, args.crop_size), generator=g).to(device)
     mean = torch.tensor([123.7, 116.3, 103.5], device=device).view(1, 3, 1, 1)
     std = torch.tensor([58.4, 57.1, 57.4], device=device).view(1, 3, 1, 1)
@@ -125,8 +137,11 @@ def measure(args, variant) -> dict:
     if not torch.isfinite(loss):
         raise SystemExit(f"{variant}: loss is not finite")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"images_per_s": args.steps * args.batch_size / seconds, "step_s": seconds / args.steps,
-            "peak_memory_gib": peak}
+    return {
+        "images_per_s": args.steps * args.batch_size / seconds,
+        "step_s": seconds / args.steps,
+        "peak_memory_gib": peak,
+    }
 
 
 def peak_tflops(name: str, override):
@@ -151,10 +166,24 @@ def main(argv=None):
         if args.tiny:  # keeps the measuring code from rotting on CPU-only machines
             args.device, args.steps, args.warmup = "cpu", 1, 1
             torch.set_num_threads(1)
-            smoke = {"model": args.model, "crop_size": args.crop_size, "batch_size": args.batch_size,
-                     "flops_per_step": count_flops(args, torch.device("cpu")), **measure(args, "fp32")}
-        C.emit("gpu", {"measured": False, "reason": "no CUDA device on this machine", "command": COMMAND,
-                       "cpu_smoke_test": smoke}, load_before, started)
+            smoke = {
+                "model": args.model,
+                "crop_size": args.crop_size,
+                "batch_size": args.batch_size,
+                "flops_per_step": count_flops(args, torch.device("cpu")),
+                **measure(args, "fp32"),
+            }
+        C.emit(
+            "gpu",
+            {
+                "measured": False,
+                "reason": "no CUDA device on this machine",
+                "command": COMMAND,
+                "cpu_smoke_test": smoke,
+            },
+            load_before,
+            started,
+        )
         return
 
     name = torch.cuda.get_device_name(0)
@@ -172,13 +201,28 @@ def main(argv=None):
             r.update(achieved_tflops=achieved, mfu=achieved / peak if peak else None)
             results[variant] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
         C.note(f"{variant}: {results[variant]}")
-    C.emit("gpu", {
-        "measured": True, "gpu": name, "peak_bf16_tflops": peak, "flops_per_step": flops,
-        "flops_per_image": flops / args.batch_size, "variants": results,
-        "settings": {"model": args.model, "crop_size": args.crop_size, "batch_size": args.batch_size,
-                     "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
-                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32},
-    }, load_before, started)
+    C.emit(
+        "gpu",
+        {
+            "measured": True,
+            "gpu": name,
+            "peak_bf16_tflops": peak,
+            "flops_per_step": flops,
+            "flops_per_image": flops / args.batch_size,
+            "variants": results,
+            "settings": {
+                "model": args.model,
+                "crop_size": args.crop_size,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "torch": torch.__version__,
+                "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            },
+        },
+        load_before,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,17 @@ def estimate(name, backbone, output_stride, aux, crop, batches):
     n_params = sum(p.numel() for p in model.parameters())
     per_image = saved_bytes(model, crop)
     gib = 2**30
-    return {"recipe": name, "backbone": backbone, "output_stride": output_stride, "aux": aux, "crop": crop,
-            "params_m": round(n_params / 1e6, 2), "optimizer_state_gib": round(12 * n_params / gib, 2),
-            "activations_gib_per_image": round(per_image / gib, 3),
-            "estimate_gib": {str(b): round((12 * n_params + b * per_image) / gib, 2) for b in batches}}
+    return {
+        "recipe": name,
+        "backbone": backbone,
+        "output_stride": output_stride,
+        "aux": aux,
+        "crop": crop,
+        "params_m": round(n_params / 1e6, 2),
+        "optimizer_state_gib": round(12 * n_params / gib, 2),
+        "activations_gib_per_image": round(per_image / gib, 3),
+        "estimate_gib": {str(b): round((12 * n_params + b * per_image) / gib, 2) for b in batches},
+    }
 
 
 def main(argv=None):
@@ -68,7 +75,9 @@ def main(argv=None):
     for name, (backbone, stride, aux, crop) in recipes.items():
         results.append(estimate(name, backbone, stride, aux, crop, (4, 8)))
         C.note(str(results[-1]))
-    C.emit("memory_estimate", {"recipes": results}, load_before, started, command="python benchmarks/memory_estimate.py")
+    C.emit(
+        "memory_estimate", {"recipes": results}, load_before, started, command="python benchmarks/memory_estimate.py"
+    )
 
 
 if __name__ == "__main__":

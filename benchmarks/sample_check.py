@@ -57,11 +57,23 @@ def main(argv=None):
     cached_per_1000 = {k: round(1000 * cached[k] / counts[k], 3) for k in cached}
     voc_sbd = ((VOC_SEG + VOC_VAL) * per_1000["voc"] + SBD_ONLY * per_1000["sbd"]) / 1000
     voc_sbd_cached = ((VOC_SEG + VOC_VAL) * cached_per_1000["voc"] + SBD_ONLY * cached_per_1000["sbd"]) / 1000
-    C.note(f"first check: {per_1000} s per 1,000 samples; cached: {cached_per_1000}; "
-           f"VOC+SBD 12,031 samples: {voc_sbd:.0f} s, then {voc_sbd_cached:.1f} s")
-    C.emit("sample_check", {"samples": counts, "s_per_1000": per_1000, "cached_s_per_1000": cached_per_1000,
-                            "voc_sbd_12031_s": round(voc_sbd, 1), "voc_sbd_12031_cached_s": round(voc_sbd_cached, 2),
-                            "command": "python benchmarks/sample_check.py"}, load_before, started)
+    C.note(
+        f"first check: {per_1000} s per 1,000 samples; cached: {cached_per_1000}; "
+        f"VOC+SBD 12,031 samples: {voc_sbd:.0f} s, then {voc_sbd_cached:.1f} s"
+    )
+    C.emit(
+        "sample_check",
+        {
+            "samples": counts,
+            "s_per_1000": per_1000,
+            "cached_s_per_1000": cached_per_1000,
+            "voc_sbd_12031_s": round(voc_sbd, 1),
+            "voc_sbd_12031_cached_s": round(voc_sbd_cached, 2),
+            "command": "python benchmarks/sample_check.py",
+        },
+        load_before,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -39,10 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--config", help=f"training config (default {QUICKSTART}; {TINY} with --tiny)")
     p.add_argument("--repeats", type=int, default=1, help="runs per mode")
     p.add_argument("--timeout", type=int, default=900, help="seconds before a run counts as hung")
-    p.add_argument("--threads", type=int, default=1,
-                   help="OMP_NUM_THREADS of the runs (0: torch's default, one per core). On a shared machine two "
-                        "OpenMP threads stall at every barrier while a neighbour holds a core, which would swamp "
-                        "what is measured here")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of the runs (0: torch's default, one per core). On a shared machine two "
+        "OpenMP threads stall at every barrier while a neighbour holds a core, which would swamp "
+        "what is measured here",
+    )
     args = p.parse_args(argv)
     args.config = args.config or (TINY if args.tiny else QUICKSTART)
     return args
@@ -63,8 +67,11 @@ def log_times(log: Path) -> dict:
 
 
 def run_once(mode: str, args, data: Path, tmp: Path, index: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CLEARML", "TRAINS", "TINY_", "RESUME_FROM", "WEIGHTS_PATH", "OUTPUT_PATH"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CLEARML", "TRAINS", "TINY_", "RESUME_FROM", "WEIGHTS_PATH", "OUTPUT_PATH"))
+    }
     out = tmp / f"out-{mode}-{index}"
     env.update(DATASET_PATH=str(data), SBD_DATASET_PATH=str(data / "SBD"))
     if args.tiny:
@@ -79,8 +86,7 @@ def run_once(mode: str, args, data: Path, tmp: Path, index: int) -> dict:
         env.update(OUTPUT_PATH=str(out))
     cmd = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", args.config]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=C.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=args.timeout)
+    proc = subprocess.run(cmd, cwd=C.REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     end = time.time()
     logs = sorted(out.glob("*/*/training.log"))
     if proc.returncode != 0 or not logs:
@@ -126,17 +132,39 @@ def main(argv=None):
     def mean(mode, key):
         return round(sum(r[key] for r in runs[mode]) / len(runs[mode]), 3)
 
-    keys = ["command_to_first_iteration_s", "last_iteration_to_exit_s", "command_to_first_log_s",
-            "last_iteration_to_done_s", "done_to_exit_s", "total_s"]
+    keys = [
+        "command_to_first_iteration_s",
+        "last_iteration_to_exit_s",
+        "command_to_first_log_s",
+        "last_iteration_to_done_s",
+        "done_to_exit_s",
+        "total_s",
+    ]
     summary = {mode: {k: mean(mode, k) for k in keys} for mode in runs}
-    C.emit("startup_exit", {
-        **summary,
-        "targets": {f"{mode}_exit_within_3s_of_last_iteration": all(r["last_iteration_to_exit_s"] <= 3.0
-                                                                    for r in runs[mode]) for mode in runs},
-        "runs": runs,
-        "settings": {"config": args.config, "repeats": args.repeats, "train_images": 2 * batch, "val_images": 8,
-                     "image_size": pad, "threads": args.threads, "tiny": args.tiny},
-    }, load_before, started)
+    C.emit(
+        "startup_exit",
+        {
+            **summary,
+            "targets": {
+                f"{mode}_exit_within_3s_of_last_iteration": all(
+                    r["last_iteration_to_exit_s"] <= 3.0 for r in runs[mode]
+                )
+                for mode in runs
+            },
+            "runs": runs,
+            "settings": {
+                "config": args.config,
+                "repeats": args.repeats,
+                "train_images": 2 * batch,
+                "val_images": 8,
+                "image_size": pad,
+                "threads": args.threads,
+                "tiny": args.tiny,
+            },
+        },
+        load_before,
+        started,
+    )
 
 
 if __name__ == "__main__":

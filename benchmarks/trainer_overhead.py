@@ -55,11 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--train-eval-batches", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs of each side (ABBA order)")
     p.add_argument("--no-clearml", action="store_true", help="leave ClearML out of 'ours'")
-    p.add_argument("--pin-malloc", action="store_true",
-                   help="both sides with glibc's mmap/trim thresholds fixed high (MALLOC_*_ env): no page faulting "
-                        "of autograd buffers, which otherwise varies from process to process")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads, both sides (0: torch's default, one per core); see the docstring")
+    p.add_argument(
+        "--pin-malloc",
+        action="store_true",
+        help="both sides with glibc's mmap/trim thresholds fixed high (MALLOC_*_ env): no page faulting "
+        "of autograd buffers, which otherwise varies from process to process",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads, both sides (0: torch's default, one per core); see the docstring",
+    )
     p.add_argument("--config", default=str(BASELINE), help="config whose val_interval/log/save intervals to copy")
     p.add_argument("--worker", choices=["plain", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -103,14 +110,16 @@ def make_batches(n, batch_size, size, seed):
     batches = []
     for i in range(n):
         mask = torch.randint(0, 21, (batch_size, size, size), generator=g, dtype=torch.uint8)
-        mask[:, :, size - size // 8:] = 255  # some void, as padding would leave
-        batches.append({
-            "image": torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8),
-            "mask": mask,
-            "index": torch.arange(i * batch_size, (i + 1) * batch_size),
-            "id": [f"img{i * batch_size + k}" for k in range(batch_size)],
-            "size": torch.tensor([[size, size]] * batch_size),
-        })
+        mask[:, :, size - size // 8 :] = 255  # some void, as padding would leave
+        batches.append(
+            {
+                "image": torch.randint(0, 256, (batch_size, 3, size, size), generator=g, dtype=torch.uint8),
+                "mask": mask,
+                "index": torch.arange(i * batch_size, (i + 1) * batch_size),
+                "id": [f"img{i * batch_size + k}" for k in range(batch_size)],
+                "size": torch.tensor([[size, size]] * batch_size),
+            }
+        )
     return batches
 
 
@@ -124,15 +133,23 @@ def build(settings: dict) -> dict:
     model = deeplabv3(s["model"], num_classes=21, aux_loss=False, pretrained_backbone=False)
     train_loader = InMemoryLoader(make_batches(s["iters"], s["batch_size"], s["size"], 1), s["batch_size"])
     val_loader = InMemoryLoader(make_batches(s["val_batches"], s["batch_size"], s["size"], 2), s["batch_size"])
-    train_eval_loader = InMemoryLoader(make_batches(s["train_eval_batches"], s["batch_size"], s["size"], 3),
-                                       s["batch_size"])
+    train_eval_loader = InMemoryLoader(
+        make_batches(s["train_eval_batches"], s["batch_size"], s["size"], 3), s["batch_size"]
+    )
     optimizer = sgd(model, lr=0.01, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0)
     lr_scheduler = poly_lr(optimizer, optimizer_steps(train_loader, s["epochs"]), power=0.9)
-    return dict(model=model, criterion=DeepLabLoss(), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                train_loader=train_loader, val_loader=val_loader, train_eval_loader=train_eval_loader)
+    return dict(
+        model=model,
+        criterion=DeepLabLoss(),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        train_eval_loader=train_eval_loader,
+    )
 
 
-CONFIG = '''# Written by benchmarks/trainer_overhead.py: train() on batches held in memory.
+CONFIG = """# Written by benchmarks/trainer_overhead.py: train() on batches held in memory.
 import json
 
 from trainer_overhead import build  # the worker runs benchmarks/trainer_overhead.py: its folder is on sys.path
@@ -152,7 +169,7 @@ model, criterion = _objects["model"], _objects["criterion"]
 optimizer, lr_scheduler = _objects["optimizer"], _objects["lr_scheduler"]
 train_loader, val_loader, train_eval_loader = (_objects["train_loader"], _objects["val_loader"],
                                                _objects["train_eval_loader"])
-'''
+"""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -232,9 +249,16 @@ def run_ours(args, settings, workdir: Path) -> dict:
     from vocseg.training import train
 
     config_path = workdir / "inmemory.py"
-    config_path.write_text(CONFIG.format(
-        seed=SEED, epochs=args.epochs, val_interval=args.val_interval,
-        save_every_iters=args.save_every_iters, log_every_iters=args.log_every_iters, settings=json.dumps(settings)))
+    config_path.write_text(
+        CONFIG.format(
+            seed=SEED,
+            epochs=args.epochs,
+            val_interval=args.val_interval,
+            save_every_iters=args.save_every_iters,
+            log_every_iters=args.log_every_iters,
+            settings=json.dumps(settings),
+        )
+    )
     task = None if args.no_clearml else clearml_session.prepare(config_path, None)
     clearml_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
     iteration_ends, epoch_ends, start = [], [], []
@@ -248,13 +272,18 @@ def run_ours(args, settings, workdir: Path) -> dict:
         return tracker
 
     train(config_path, None, tracker_factory=factory)
-    return {**summarise(iteration_ends, epoch_ends, start[0]), "clearml": clearml_factory is not None,
-            "progress": "tqdm" if sys.stderr.isatty() else "log lines"}
+    return {
+        **summarise(iteration_ends, epoch_ends, start[0]),
+        "clearml": clearml_factory is not None,
+        "progress": "tqdm" if sys.stderr.isatty() else "log lines",
+    }
 
 
 def worker(args):
-    settings = {k: getattr(args, k) for k in ("model", "size", "batch_size", "iters", "epochs", "val_batches",
-                                              "train_eval_batches")}
+    settings = {
+        k: getattr(args, k)
+        for k in ("model", "size", "batch_size", "iters", "epochs", "val_batches", "train_eval_batches")
+    }
     import torch
 
     if args.threads > 0:
@@ -268,8 +297,11 @@ def worker(args):
 # ------------------------------------------------------------------------------------------------------------
 
 
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**25), "MALLOC_TRIM_THRESHOLD_": str(2**36),  # 32 MiB: glibc's max
-                 "MALLOC_TOP_PAD_": str(2**30)}
+PINNED_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(2**25),
+    "MALLOC_TRIM_THRESHOLD_": str(2**36),  # 32 MiB: glibc's max
+    "MALLOC_TOP_PAD_": str(2**30),
+}
 
 
 def side_env(tmp: Path, pin_malloc: bool = False) -> dict:
@@ -295,16 +327,32 @@ def main(argv=None):
         passthrough = sys.argv[1:] if argv is None else list(argv)
         for i, side in enumerate(order):
             result = tmp / f"{i}-{side}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--worker", side, "--result", str(result)]
-            proc = subprocess.run(cmd, env=side_env(tmp, args.pin_malloc), stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
-                                  timeout=1800)
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *passthrough,
+                "--worker",
+                side,
+                "--result",
+                str(result),
+            ]
+            proc = subprocess.run(
+                cmd,
+                env=side_env(tmp, args.pin_malloc),
+                stdout=sys.stderr,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=1800,
+            )
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-5000:])
                 raise SystemExit(f"{side} run failed (exit {proc.returncode})")
             runs[side].append(json.loads(result.read_text()))
             r = runs[side][-1]
-            C.note(f"{side}: {r['iteration_s']:.4f} s/iteration ({r['iteration_cpu_s']:.4f} CPU), epochs "
-                   f"{[round(e, 2) for e in r['epoch_s']]} load {C.load()}")
+            C.note(
+                f"{side}: {r['iteration_s']:.4f} s/iteration ({r['iteration_cpu_s']:.4f} CPU), epochs "
+                f"{[round(e, 2) for e in r['epoch_s']]} load {C.load()}"
+            )
 
     def mean(side, key):
         return sum(r[key] for r in runs[side]) / len(runs[side])
@@ -319,25 +367,55 @@ def main(argv=None):
     per_iter = mean("ours", "iteration_s") / mean("plain", "iteration_s")
     per_iter_cpu = mean("ours", "iteration_cpu_s") / mean("plain", "iteration_cpu_s")
     per_epoch = epochs("ours") / epochs("plain")
-    C.emit("trainer_overhead", {
-        "iteration_s": {"plain": round(mean("plain", "iteration_s"), 5), "ours": round(mean("ours", "iteration_s"), 5)},
-        "epochs_s": {"plain": round(epochs("plain"), 3), "ours": round(epochs("ours"), 3)},
-        "ratio_per_iteration": round(per_iter, 4),
-        "ratio_per_epoch_with_validation": round(per_epoch, 4),
-        "overhead_per_iteration_pct": round(100 * (per_iter - 1), 2),
-        # The same ratios in CPU seconds of each process: insensitive to neighbours taking the cores.
-        "ratio_per_iteration_cpu": round(per_iter_cpu, 4),
-        "ratio_per_epoch_with_validation_cpu": round(epochs("ours", "_cpu") / epochs("plain", "_cpu"), 4),
-        # Noise floor: (max - min) / mean of the per-iteration time over the runs of one side.
-        "run_to_run_spread": {"plain": spread("plain"), "ours": spread("ours")},
-        "page_faults_per_iteration": {"plain": round(mean("plain", "page_faults_per_iteration")),
-                                      "ours": round(mean("ours", "page_faults_per_iteration"))},
-        "targets": {"overhead_per_iteration<=3%": per_iter <= 1.03, "overhead_per_iteration_cpu<=3%": per_iter_cpu <= 1.03},
-        "runs": runs,
-        "settings": {k: getattr(args, k) for k in ("model", "size", "batch_size", "iters", "epochs", "val_batches",
-                                                   "train_eval_batches", "repeats", "threads", "pin_malloc", "val_interval",
-                                                   "log_every_iters", "save_every_iters", "no_clearml", "tiny")},
-    }, load_before, started)
+    C.emit(
+        "trainer_overhead",
+        {
+            "iteration_s": {
+                "plain": round(mean("plain", "iteration_s"), 5),
+                "ours": round(mean("ours", "iteration_s"), 5),
+            },
+            "epochs_s": {"plain": round(epochs("plain"), 3), "ours": round(epochs("ours"), 3)},
+            "ratio_per_iteration": round(per_iter, 4),
+            "ratio_per_epoch_with_validation": round(per_epoch, 4),
+            "overhead_per_iteration_pct": round(100 * (per_iter - 1), 2),
+            # The same ratios in CPU seconds of each process: insensitive to neighbours taking the cores.
+            "ratio_per_iteration_cpu": round(per_iter_cpu, 4),
+            "ratio_per_epoch_with_validation_cpu": round(epochs("ours", "_cpu") / epochs("plain", "_cpu"), 4),
+            # Noise floor: (max - min) / mean of the per-iteration time over the runs of one side.
+            "run_to_run_spread": {"plain": spread("plain"), "ours": spread("ours")},
+            "page_faults_per_iteration": {
+                "plain": round(mean("plain", "page_faults_per_iteration")),
+                "ours": round(mean("ours", "page_faults_per_iteration")),
+            },
+            "targets": {
+                "overhead_per_iteration<=3%": per_iter <= 1.03,
+                "overhead_per_iteration_cpu<=3%": per_iter_cpu <= 1.03,
+            },
+            "runs": runs,
+            "settings": {
+                k: getattr(args, k)
+                for k in (
+                    "model",
+                    "size",
+                    "batch_size",
+                    "iters",
+                    "epochs",
+                    "val_batches",
+                    "train_eval_batches",
+                    "repeats",
+                    "threads",
+                    "pin_malloc",
+                    "val_interval",
+                    "log_every_iters",
+                    "save_every_iters",
+                    "no_clearml",
+                    "tiny",
+                )
+            },
+        },
+        load_before,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -56,13 +56,35 @@ def single_line(excinfo) -> str:
 # ---------------------------------------------------------------- run-control keys, one table (config.py)
 
 BAD_VALUES = [
-    ("val_interval", 0), ("save_every_iters", 0), ("accumulation_steps", 0), ("batch_size", "8"),
-    ("batch_size", 0), ("seed", "abc"), ("seed", -1), ("es_patience", "five"), ("es_patience", 0),
-    ("num_epochs", 0), ("num_epochs", 2.5), ("log_every_iters", 0), ("amp", "yes"), ("amp", True),
-    ("sync_bn", "no"), ("sync_bn", 1), ("num_workers", -1), ("crop_size", "480"),
-    ("num_classes", 1), ("dist_timeout", 0), ("dist_timeout", "2 min"), ("tta_flip", "yes"),
-    ("tta_scales", ()), ("tta_scales", (1.0, -0.5)), ("save_predictions", None), ("val_interval", True),
-    ("channels_last", "yes"), ("cudnn_benchmark", 1), ("compile_model", "max-autotune"),
+    ("val_interval", 0),
+    ("save_every_iters", 0),
+    ("accumulation_steps", 0),
+    ("batch_size", "8"),
+    ("batch_size", 0),
+    ("seed", "abc"),
+    ("seed", -1),
+    ("es_patience", "five"),
+    ("es_patience", 0),
+    ("num_epochs", 0),
+    ("num_epochs", 2.5),
+    ("log_every_iters", 0),
+    ("amp", "yes"),
+    ("amp", True),
+    ("sync_bn", "no"),
+    ("sync_bn", 1),
+    ("num_workers", -1),
+    ("crop_size", "480"),
+    ("num_classes", 1),
+    ("dist_timeout", 0),
+    ("dist_timeout", "2 min"),
+    ("tta_flip", "yes"),
+    ("tta_scales", ()),
+    ("tta_scales", (1.0, -0.5)),
+    ("save_predictions", None),
+    ("val_interval", True),
+    ("channels_last", "yes"),
+    ("cudnn_benchmark", 1),
+    ("compile_model", "max-autotune"),
 ]
 
 
@@ -88,7 +110,8 @@ def test_mutations_are_checked_before_the_config_runs():
         check_constants(REPO / TINY, {"val_interval": 0})
 
 
-# ---------------------------------------------------------------- split files and samples (datasets.py, sample_check.py)
+# -------------------------------------------------------- split files and samples (datasets.py, sample_check.py)
+
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_split_listing_an_id_twice_is_refused(data, split):
@@ -128,18 +151,26 @@ BAD_SAMPLES = {
     "not a jpeg": lambda data: (_first(data)[0].write_text("hello"), _first(data)[0])[1],
     "truncated png": lambda data: (_truncate(_first(data)[1]), _first(data)[1])[1],
     "zero-byte png": lambda data: (_first(data)[1].write_bytes(b""), _first(data)[1])[1],
-    "mask of another size": lambda data: (save_palette_png(_first(data)[1], np.zeros((64, 80), np.uint8)),
-                                          _first(data)[1])[1],
-    "mask value 42": lambda data: (_mask_with(_first(data)[1], lambda m: np.where(m == 0, 42, m).astype(np.uint8)),
-                                   _first(data)[1])[1],
-    "rgb mask": lambda data: (Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(_first(data)[1]),
-                              _first(data)[1])[1],
-    "16-bit mask": lambda data: (Image.fromarray(np.full((96, 96), 300, np.uint16)).save(_first(data)[1]),
-                                 _first(data)[1])[1],
-    "sbd mat without GTcls": lambda data: (scipy.io.savemat(_sbd_mat(data), {"other": np.zeros(3)}),
-                                           _sbd_mat(data))[1],
-    "sbd mask value 30": lambda data: (scipy.io.savemat(_sbd_mat(data), {"GTcls": {
-        "Segmentation": np.full((96, 96), 30, np.uint8)}}), _sbd_mat(data))[1],
+    "mask of another size": lambda data: (
+        save_palette_png(_first(data)[1], np.zeros((64, 80), np.uint8)),
+        _first(data)[1],
+    )[1],
+    "mask value 42": lambda data: (
+        _mask_with(_first(data)[1], lambda m: np.where(m == 0, 42, m).astype(np.uint8)),
+        _first(data)[1],
+    )[1],
+    "rgb mask": lambda data: (Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(_first(data)[1]), _first(data)[1])[
+        1
+    ],
+    "16-bit mask": lambda data: (
+        Image.fromarray(np.full((96, 96), 300, np.uint16)).save(_first(data)[1]),
+        _first(data)[1],
+    )[1],
+    "sbd mat without GTcls": lambda data: (scipy.io.savemat(_sbd_mat(data), {"other": np.zeros(3)}), _sbd_mat(data))[1],
+    "sbd mask value 30": lambda data: (
+        scipy.io.savemat(_sbd_mat(data), {"GTcls": {"Segmentation": np.full((96, 96), 30, np.uint8)}}),
+        _sbd_mat(data),
+    )[1],
 }
 
 
@@ -161,16 +192,19 @@ def test_every_listed_sample_is_checked_before_training(data, kind, monkeypatch,
 
 def test_a_passed_check_is_cached_until_a_file_changes(data, monkeypatch, tmp_path):
     monkeypatch.setenv("VOCSEG_CACHE_DIR", str(tmp_path / "cache"))
-    loaders = dict(zip(("train", "val", "train_eval"), get_dataloaders(
-        data, data / "SBD", batch_size=4, num_workers=0, crop_size=64)))
+    loaders = dict(
+        zip(
+            ("train", "val", "train_eval"),
+            get_dataloaders(data, data / "SBD", batch_size=4, num_workers=0, crop_size=64),
+        )
+    )
     assert check_loaders(loaders).startswith("checked ")
     assert "unchanged since their last check" in check_loaders(loaders)
     image, mask = _first(data)
     _mask_with(mask, lambda m: np.where(m == 0, 42, m).astype(np.uint8))  # new size or mtime: checked again
     with pytest.raises(UserError, match=str(mask)):
         check_loaders(loaders)
-    evaluation = {"data_loader": get_val_loader(data, batch_size=4, num_workers=0,
-                                                limit_num_samples=2)}
+    evaluation = {"data_loader": get_val_loader(data, batch_size=4, num_workers=0, limit_num_samples=2)}
     assert check_loaders(evaluation).startswith("checked 2 samples")
 
 
@@ -185,6 +219,7 @@ def test_error_from_a_dataloader_worker_is_one_line(data):
 
 
 # ---------------------------------------------------------------- files and variables
+
 
 def _unwritable_folder(tmp_path) -> Path:
     folder = tmp_path / "read-only"
@@ -244,6 +279,7 @@ def test_pretrained_backbone_that_is_not_a_checkpoint(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- checkpoint writes and signals
 
+
 class SignalDuringPickling:
     """Pickled inside torch.save: records the checkpoint folder at that moment and, optionally, sends a signal."""
 
@@ -253,8 +289,9 @@ class SignalDuringPickling:
         self.folder, self.signum = folder, signum
 
     def __reduce__(self):
-        SignalDuringPickling.seen.append(sorted(p.name for p in Path(self.folder).iterdir()
-                                                if p.name.startswith("training_")))
+        SignalDuringPickling.seen.append(
+            sorted(p.name for p in Path(self.folder).iterdir() if p.name.startswith("training_"))
+        )
         if self.signum:
             os.kill(os.getpid(), self.signum)
         return (dict, ())
@@ -278,9 +315,11 @@ def test_two_complete_checkpoints_exist_during_every_write(tmp_path):
     for iteration in (2, 4, 6, 8, 8):  # the last iteration is saved twice (every N and at COMPLETED)
         engine.state.iteration = iteration
         checkpointer(engine)
-    assert SignalDuringPickling.seen[2:] == [["training_x_2.pt", "training_x_4.pt"],
-                                             ["training_x_4.pt", "training_x_6.pt"],
-                                             ["training_x_6.pt", "training_x_8.pt"]]
+    assert SignalDuringPickling.seen[2:] == [
+        ["training_x_2.pt", "training_x_4.pt"],
+        ["training_x_4.pt", "training_x_6.pt"],
+        ["training_x_6.pt", "training_x_8.pt"],
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["training_x_6.pt", "training_x_8.pt"]
 
 
@@ -308,6 +347,7 @@ def test_signal_during_a_checkpoint_write_takes_effect_after_it(tmp_path, signum
 
 
 # ================================================================ end to end (scripts as a user runs them)
+
 
 def tiny_variant(tmp_path, **replace) -> str:
     """tests/configs/tiny.py with some ``name = value`` lines replaced (a user's edit)."""
@@ -357,14 +397,22 @@ def test_num_epochs_zero_computed_in_the_config(synthetic_voc, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,checkpoint,knobs,needles", [
-    ("finished", 12, {}, ["ends a finished run (iteration 12 of 12)", "unset RESUME_FROM"]),
-    ("other batch_size", 10, {"TINY_BATCH_SIZE": 3}, ["batch_size=4 there, 3 now", "iterations_per_epoch=6 there, "
-                                                      "8 now", "unset RESUME_FROM"]),
-    ("more epochs", 10, {"TINY_EPOCHS": 3}, ["num_epochs=2 there, 3 now", "restore the old settings"]),
-])
-def test_resume_that_would_train_wrongly_is_refused(case, checkpoint, knobs, needles, finished, synthetic_voc,
-                                                    tmp_path):
+@pytest.mark.parametrize(
+    "case,checkpoint,knobs,needles",
+    [
+        ("finished", 12, {}, ["ends a finished run (iteration 12 of 12)", "unset RESUME_FROM"]),
+        (
+            "other batch_size",
+            10,
+            {"TINY_BATCH_SIZE": 3},
+            ["batch_size=4 there, 3 now", "iterations_per_epoch=6 there, 8 now", "unset RESUME_FROM"],
+        ),
+        ("more epochs", 10, {"TINY_EPOCHS": 3}, ["num_epochs=2 there, 3 now", "restore the old settings"]),
+    ],
+)
+def test_resume_that_would_train_wrongly_is_refused(
+    case, checkpoint, knobs, needles, finished, synthetic_voc, tmp_path
+):
     before = snapshot(finished)
     resume_from = finished / "checkpoints" / f"training_checkpoint_{checkpoint}.pt"
     proc = run_script("training", TINY, make_env(synthetic_voc, tmp_path, RESUME_FROM=resume_from, **knobs))
@@ -427,8 +475,14 @@ def test_torchrun_report_ends_with_the_projects_line(synthetic_voc, tmp_path):
     data = Path(shutil.copytree(synthetic_voc, tmp_path / "data"))
     _, mask = _first(data, "train")
     _mask_with(mask, lambda m: np.where(m == 0, 42, m).astype(np.uint8))
-    proc = subprocess.run(torchrun("--nproc_per_node=2", *TRAINING), cwd=REPO, env=make_env(data, tmp_path / "out"),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        torchrun("--nproc_per_node=2", *TRAINING),
+        cwd=REPO,
+        env=make_env(data, tmp_path / "out"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     lines = [line.strip() for line in proc.stderr.strip().splitlines() if line.strip("= ")]
     # torchrun's report closes with the root cause's "traceback" entry, read from the rank's error file.
@@ -479,4 +533,3 @@ def test_signal_stops_the_run_with_the_checkpoint_to_resume_from(signum, synthet
     assert resume_from.is_file() and torch.load(resume_from, weights_only=True)["trainer"]["iteration"] > 0
     assert not [pid for pid in workers if _alive(pid)]  # the DataLoader workers went with it
     assert len(list(resume_from.parent.glob("training_checkpoint_*.pt"))) == 2
-

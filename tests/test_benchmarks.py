@@ -17,8 +17,14 @@ COMMON = {"benchmark", "load_before", "load_after", "machine", "wall_s"}
 
 
 def run(script, *args, timeout=300, env=None):
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
@@ -58,8 +64,11 @@ def test_run_all_with_dataflow():  # ~5 s
 @pytest.mark.slow
 def test_trainer_overhead():
     (result,), _ = run("trainer_overhead.py", "--tiny")
-    check(result, "trainer_overhead", ["iteration_s", "ratio_per_iteration", "ratio_per_epoch_with_validation",
-                                       "ratio_per_iteration_cpu", "targets"])
+    check(
+        result,
+        "trainer_overhead",
+        ["iteration_s", "ratio_per_iteration", "ratio_per_epoch_with_validation", "ratio_per_iteration_cpu", "targets"],
+    )
     assert result["runs"]["ours"][0]["clearml"] is True
     assert result["ratio_per_iteration"] > 0 and result["iteration_s"]["plain"] > 0
 

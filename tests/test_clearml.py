@@ -33,8 +33,14 @@ def clearml_env(tmp_path, **extra):
 
 
 def run_training(env, timeout=240):
-    return subprocess.run([sys.executable, "-m", "py_config_runner", SCRIPT, CONFIG], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "py_config_runner", SCRIPT, CONFIG],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def sessions(home: Path):
@@ -58,8 +64,13 @@ def offline_run(synthetic_voc, tmp_path_factory):
     found = sessions(tmp / "home")
     assert len(found) == 1, found
     session = found[0]
-    return {"session": session, "task": json.loads((session / "task.json").read_text()), "events": events(session),
-            "stderr": proc.stderr, "seconds": time.monotonic() - started}
+    return {
+        "session": session,
+        "task": json.loads((session / "task.json").read_text()),
+        "events": events(session),
+        "stderr": proc.stderr,
+        "seconds": time.monotonic() - started,
+    }
 
 
 @pytest.mark.slow
@@ -121,19 +132,28 @@ def test_offline_run_says_offline_once_and_how_to_import(offline_run):
 def test_evaluation_is_tracked_as_a_testing_task(offline_run, synthetic_voc, tmp_path):
     best = sorted((offline_run["session"].parents[4] / "out").glob("tiny_clearml/*/best/best_model_*.pt"))
     assert best, "the training run saved no best model"
-    env = clearml_env(tmp_path, DATASET_PATH=str(synthetic_voc), WEIGHTS_PATH=str(best[-1]), TINY_VAL_LIMIT="4",
-                      TINY_TTA="1")
-    proc = subprocess.run([sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py",
-                           "tests/configs/tiny_eval.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    env = clearml_env(
+        tmp_path, DATASET_PATH=str(synthetic_voc), WEIGHTS_PATH=str(best[-1]), TINY_VAL_LIMIT="4", TINY_TTA="1"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py", "tests/configs/tiny_eval.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (session,) = sessions(tmp_path / "home")
     task = json.loads((session / "task.json").read_text())
     assert (task["name"], task["type"]) == ("tiny_eval", "testing")
     metrics = json.loads(next((tmp_path / "out" / "tiny_eval").glob("*/metrics.json")).read_text())
     assert metrics["tta"] == {"flip": True, "scales": [0.75, 1.0]}
-    singles = {e["variant"]: e["value"] for e in events(session) if e["type"] == "training_stats_scalar"
-               and e["metric"] == "Summary"}
+    singles = {
+        e["variant"]: e["value"]
+        for e in events(session)
+        if e["type"] == "training_stats_scalar" and e["metric"] == "Summary"
+    }
     assert singles["val/mIoU"] == pytest.approx(metrics["val"]["mIoU"])
     assert any(e["type"] == "plot" and e["metric"] == "val confusion matrix" for e in events(session))
 
@@ -169,21 +189,36 @@ def silent_server():
 
 
 def dummy_server_env(tmp_path, host, **extra):
-    return clearml_env(tmp_path, CLEARML_API_HOST=host, CLEARML_WEB_HOST=host, CLEARML_FILES_HOST=host,
-                       CLEARML_API_ACCESS_KEY="dummy", CLEARML_API_SECRET_KEY="dummy", **extra)
+    return clearml_env(
+        tmp_path,
+        CLEARML_API_HOST=host,
+        CLEARML_WEB_HOST=host,
+        CLEARML_FILES_HOST=host,
+        CLEARML_API_ACCESS_KEY="dummy",
+        CLEARML_API_SECRET_KEY="dummy",
+        **extra,
+    )
 
 
 # Prints the seconds from Task creation to close, imports excluded (they alone took 15 s on a loaded machine).
-INIT_AND_CLOSE = ("import time, clearml; from vocseg import clearml_session as ct; started = time.monotonic(); "
-                  f"ct.finish(ct.init_task({CONFIG!r}, 'training', {SCRIPT!r})); "
-                  "print(f'elapsed {time.monotonic() - started:.2f}')")
+INIT_AND_CLOSE = (
+    "import time, clearml; from vocseg import clearml_session as ct; started = time.monotonic(); "
+    f"ct.finish(ct.init_task({CONFIG!r}, 'training', {SCRIPT!r})); "
+    "print(f'elapsed {time.monotonic() - started:.2f}')"
+)
 
 
 @pytest.mark.parametrize("kind", ["refused", "silent"])
 def test_unreachable_server_falls_back_to_offline_within_15_s(tmp_path, silent_server, kind):
     host = "http://127.0.0.1:9" if kind == "refused" else silent_server
-    proc = subprocess.run([sys.executable, "-c", INIT_AND_CLOSE], cwd=ROOT, env=dummy_server_env(tmp_path, host),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", INIT_AND_CLOSE],
+        cwd=ROOT,
+        env=dummy_server_env(tmp_path, host),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     elapsed = float(proc.stdout.split("elapsed ")[-1])
     assert elapsed < 15, f"took {elapsed:.1f} s"  # not the minutes ClearML's own retries take
@@ -193,8 +228,10 @@ def test_unreachable_server_falls_back_to_offline_within_15_s(tmp_path, silent_s
 
 def test_queue_with_unreachable_server_fails_clearly(tmp_path, synthetic_voc):
     started = time.monotonic()
-    proc = run_training(dummy_server_env(tmp_path, "http://127.0.0.1:9", CLEARML_QUEUE="default",
-                                         DATASET_PATH=str(synthetic_voc)), timeout=60)
+    proc = run_training(
+        dummy_server_env(tmp_path, "http://127.0.0.1:9", CLEARML_QUEUE="default", DATASET_PATH=str(synthetic_voc)),
+        timeout=60,
+    )
     # The 5 s probe, not ClearML's minutes of retries; the rest is start-up (imports), slow on a loaded machine.
     assert time.monotonic() - started < 45
     assert proc.returncode == 2
@@ -245,13 +282,16 @@ def test_config_overrides_casts_strings_back():
     assert ct.config_overrides(original, {"batch_size": 8.0}) == {"batch_size": 8}
 
 
-@pytest.mark.parametrize("edited, message", [
-    ({"lr": "0.1"}, "Config/lr is not a constant of the config"),
-    ({"batch_size": "eight"}, "Config/batch_size='eight' is not a valid int"),
-    ({"batch_size": "4.5"}, "is not a valid int"),
-    ({"learning_rate": "fast"}, "is not a valid float"),
-    ({"debug": "maybe"}, "is not a valid bool"),
-])
+@pytest.mark.parametrize(
+    "edited, message",
+    [
+        ({"lr": "0.1"}, "Config/lr is not a constant of the config"),
+        ({"batch_size": "eight"}, "Config/batch_size='eight' is not a valid int"),
+        ({"batch_size": "4.5"}, "is not a valid int"),
+        ({"learning_rate": "fast"}, "is not a valid float"),
+        ({"debug": "maybe"}, "is not a valid bool"),
+    ],
+)
 def test_config_overrides_rejects_unknown_and_ill_typed(edited, message):
     original = {"learning_rate": 0.01, "batch_size": 4, "debug": False}
     with pytest.raises(UserError, match=message) as info:
@@ -297,6 +337,12 @@ def test_resolve_weights_model_id_with_unreachable_server_is_a_user_error(monkey
 
 
 def test_import_script_explains_missing_session(tmp_path):
-    proc = subprocess.run([sys.executable, "code/scripts/import_offline_session.py", str(tmp_path / "nope.zip")],
-                          cwd=ROOT, env=clearml_env(tmp_path), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "code/scripts/import_offline_session.py", str(tmp_path / "nope.zip")],
+        cwd=ROOT,
+        env=clearml_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -12,8 +12,9 @@ TINY = ROOT / "tests/configs/tiny.py"
 
 def test_config_source_reads_paths_and_mutations_without_loading():
     # Fails loudly if a py_config_runner upgrade moves the attributes config_source() reads.
-    config = ConfigObject(TINY, mutations={"seed": 11, "device": "cpu", "lr": 0.5},
-                          script_filepath=ROOT / "code/scripts/training.py")
+    config = ConfigObject(
+        TINY, mutations={"seed": 11, "device": "cpu", "lr": 0.5}, script_filepath=ROOT / "code/scripts/training.py"
+    )
     source = config_source(config)
     assert source.config_path == TINY and source.script_path == ROOT / "code/scripts/training.py"
     assert source.mutations == {"seed": 11, "device": "cpu", "lr": 0.5}

@@ -39,14 +39,27 @@ def free_port():
 
 
 def two_node_commands(port, nproc_per_node=1):
-    return [torchrun("--nnodes=2", f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
-                     f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=vocseg-test", "--rdzv_conf=join_timeout=60",
-                     *TRAINING) for _ in range(2)]
+    return [
+        torchrun(
+            "--nnodes=2",
+            f"--nproc_per_node={nproc_per_node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=vocseg-test",
+            "--rdzv_conf=join_timeout=60",
+            *TRAINING,
+        )
+        for _ in range(2)
+    ]
 
 
 def start(cmds, env):
-    return [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True) for cmd in cmds]
+    return [
+        subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        for cmd in cmds
+    ]
 
 
 def finish(procs, timeout):
@@ -90,8 +103,14 @@ def checkpoint_names(run_dir):
 @pytest.fixture(scope="module")
 def two_processes(synthetic_voc, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
-    proc = subprocess.run(torchrun("--nproc_per_node=2", *TRAINING), cwd=REPO, env=make_env(synthetic_voc, out),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        torchrun("--nproc_per_node=2", *TRAINING),
+        cwd=REPO,
+        env=make_env(synthetic_voc, out),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return only_run_dir(out), proc
 
@@ -118,8 +137,9 @@ def test_every_rank_reports_the_single_process_metrics(two_processes, synthetic_
 
     # The sharded validation must score the saved model on every image exactly once.
     weights = run_dir / "checkpoints" / "training_checkpoint_12.pt"
-    proc = run_script("evaluation", "tests/configs/tiny_eval.py",
-                      make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
+    proc = run_script(
+        "evaluation", "tests/configs/tiny_eval.py", make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((only_run_dir(tmp_path / "out", "tiny_eval") / "metrics.json").read_text())
     assert result["val"]["mIoU"] == pytest.approx(final, abs=1e-9)
@@ -176,7 +196,9 @@ def test_killed_rank_ends_the_job(nodes, synthetic_voc, tmp_path):
     assert elapsed < 60
     print(f"{nodes} node(s): job ended {elapsed:.1f} s after kill -9 of rank 1")
     # torchrun's report names the failed rank and its signal.
-    assert re.search(r"Root Cause \(first observed failure\):\s*\[0\]:.*?rank\s*: 1 .*?Signal 9", text, re.S), text[-3000:]
+    assert re.search(r"Root Cause \(first observed failure\):\s*\[0\]:.*?rank\s*: 1 .*?Signal 9", text, re.S), text[
+        -3000:
+    ]
     run_dir = only_run_dir(tmp_path)
     saved = checkpoint_names(run_dir)
     assert saved
@@ -187,8 +209,9 @@ def test_killed_rank_ends_the_job(nodes, synthetic_voc, tmp_path):
 
 def test_nan_on_one_rank_stops_every_rank_before_it_is_saved(synthetic_voc, tmp_path):
     env = make_env(synthetic_voc, tmp_path, TINY_NAN_AFTER=5, TINY_NAN_RANK=1, TINY_SAVE_EVERY=2)
-    proc = subprocess.run(torchrun("--nproc_per_node=2", *TRAINING), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        torchrun("--nproc_per_node=2", *TRAINING), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode != 0
     # Both ranks stop at iteration 6; torchrun may end one of them before it prints why.
     assert "error: loss became NaN at iteration 6" in proc.stderr, proc.stderr[-3000:]
@@ -201,11 +224,23 @@ def test_rendezvous_failures_end_within_their_timeouts(tmp_path):
     script = tmp_path / "never_runs.py"
     script.write_text("raise SystemExit('a worker started')\n")
     # A node given a wrong endpoint: it can only be a client (is_host=0) and gives up after read_timeout.
-    wrong = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                     "--rdzv_conf=is_host=0,read_timeout=5", str(script))
+    wrong = torchrun(
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_conf=is_host=0,read_timeout=5",
+        str(script),
+    )
     # The node hosting the rendezvous while the other never arrives gives up after join_timeout.
-    alone = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                     f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_conf=join_timeout=5", str(script))
+    alone = torchrun(
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--rdzv_conf=join_timeout=5",
+        str(script),
+    )
     began = time.time()
     procs = start([wrong, alone], dict(os.environ, OMP_NUM_THREADS="1"))
     codes, text = finish(procs, timeout=90)
@@ -255,8 +290,11 @@ def _rank_zero_work(_local_rank, out_dir):
     results = []
     for sleep_s, wait_s, fail in [(2.5, 60, False), (0, 60, True), (4, 1, False)]:
         try:
-            results.append(from_rank_zero("the test's work", functools.partial(work, sleep_s, fail),
-                                          wait=datetime.timedelta(seconds=wait_s)))
+            results.append(
+                from_rank_zero(
+                    "the test's work", functools.partial(work, sleep_s, fail), wait=datetime.timedelta(seconds=wait_s)
+                )
+            )
         except UserError as exc:
             results.append(f"error: {exc}")
     Path(out_dir, f"rank{idist.get_rank()}.json").write_text(json.dumps(results))
@@ -269,8 +307,9 @@ def test_rank_zero_work_is_waited_for_past_the_collective_timeout(tmp_path):
 
     import ignite.distributed as idist
 
-    with idist.Parallel(backend="gloo", nproc_per_node=2, master_port=free_port(),
-                        timeout=datetime.timedelta(seconds=1)) as parallel:
+    with idist.Parallel(
+        backend="gloo", nproc_per_node=2, master_port=free_port(), timeout=datetime.timedelta(seconds=1)
+    ) as parallel:
         parallel.run(_rank_zero_work, str(tmp_path))
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0[:2] == rank1[:2] == [{"chosen": "picked by rank 0"}, "error: checkpoint x.pt does not load"]

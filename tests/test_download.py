@@ -124,11 +124,26 @@ def served(server):
 
 
 def run_cli(server, out, *extra, sbd=True):
-    args = [sys.executable, SCRIPT, str(out), "--retries", "2",
-            "--voc-url", server.url("voc.tar"), "--voc-md5", md5(server.files["voc.tar"])]
+    args = [
+        sys.executable,
+        SCRIPT,
+        str(out),
+        "--retries",
+        "2",
+        "--voc-url",
+        server.url("voc.tar"),
+        "--voc-md5",
+        md5(server.files["voc.tar"]),
+    ]
     if sbd:
-        args += ["--sbd-url", server.url("benchmark.tgz"), "--sbd-md5", md5(server.files["benchmark.tgz"]),
-                 "--sbd-train-noval-url", server.url("train_noval.txt")]
+        args += [
+            "--sbd-url",
+            server.url("benchmark.tgz"),
+            "--sbd-md5",
+            md5(server.files["benchmark.tgz"]),
+            "--sbd-train-noval-url",
+            server.url("train_noval.txt"),
+        ]
     else:
         args.append("--no-sbd")
     return subprocess.run(args + list(extra), cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -154,7 +169,11 @@ def test_happy_path_derives_train_noval(served, tmp_path):
     assert "derived" in res.stderr
     assert res.stdout.splitlines() == [f"export DATASET_PATH={out}", f"export SBD_DATASET_PATH={sbd}"]
     assert sorted(p.name for p in (out / "downloads").iterdir()) == [
-        "benchmark.tgz", "benchmark.tgz.extracted", "voc.tar", "voc.tar.extracted"]
+        "benchmark.tgz",
+        "benchmark.tgz.extracted",
+        "voc.tar",
+        "voc.tar.extracted",
+    ]
 
 
 def test_train_noval_is_fetched_when_served(served, tmp_path):
@@ -209,11 +228,14 @@ def test_complete_partial_file_is_accepted_on_416(served, tmp_path):
     assert dest.read_bytes() == body
 
 
-@pytest.mark.parametrize("member, symlinks", [
-    ("../evil", ()),
-    ("/tmp/evil-absolute", ()),
-    ("VOCdevkit/VOC2012/evil-link", [("VOCdevkit/VOC2012/evil-link", "../../../evil")]),
-])
+@pytest.mark.parametrize(
+    "member, symlinks",
+    [
+        ("../evil", ()),
+        ("/tmp/evil-absolute", ()),
+        ("VOCdevkit/VOC2012/evil-link", [("VOCdevkit/VOC2012/evil-link", "../../../evil")]),
+    ],
+)
 def test_archive_escaping_out_is_refused(server, tmp_path, member, symlinks):
     files = dict(VOC_FILES)
     if not symlinks:

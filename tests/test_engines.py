@@ -31,15 +31,21 @@ class Sampler:
 
 def batches(n, size=16):
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=g),
-             "mask": torch.randint(0, 21, (2, size, size), dtype=torch.uint8, generator=g)} for _ in range(n)]
+    return [
+        {
+            "image": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=g),
+            "mask": torch.randint(0, 21, (2, size, size), dtype=torch.uint8, generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def trainer_for(model, **kwargs):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return create_trainer(model, optimizer, DeepLabLoss(), scheduler, Sampler(), device=torch.device("cpu"), seed=1,
-                          **kwargs)
+    return create_trainer(
+        model, optimizer, DeepLabLoss(), scheduler, Sampler(), device=torch.device("cpu"), seed=1, **kwargs
+    )
 
 
 class NaNFrom(nn.Module):
@@ -56,8 +62,16 @@ def test_nonfinite_loss_is_found_at_the_next_boundary_with_its_exact_iteration()
     model = Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = create_trainer(model, optimizer, NaNFrom(DeepLabLoss(), 6), scheduler, Sampler(),
-                             device=torch.device("cpu"), seed=1, check_every=(4,))
+    trainer = create_trainer(
+        model,
+        optimizer,
+        NaNFrom(DeepLabLoss(), 6),
+        scheduler,
+        Sampler(),
+        device=torch.device("cpu"),
+        seed=1,
+        check_every=(4,),
+    )
     trainer.run(batches(10), max_epochs=1)
     # NaN from iteration 6, read at iteration 8 (the next multiple of 4), before anything later runs.
     assert trainer.state.nan_iteration == 6 and trainer.state.iteration == 8
@@ -131,9 +145,17 @@ def test_gpu_switches(monkeypatch):
     assert not channels_last
 
 
-@pytest.mark.parametrize("world, device, requested, expected", [
-    (1, "cuda", None, False), (2, "cuda", None, True), (2, "cuda", False, False), (2, "cuda", True, True),
-    (2, "cpu", None, False), (2, "cpu", True, False)])
+@pytest.mark.parametrize(
+    "world, device, requested, expected",
+    [
+        (1, "cuda", None, False),
+        (2, "cuda", None, True),
+        (2, "cuda", False, False),
+        (2, "cuda", True, True),
+        (2, "cpu", None, False),
+        (2, "cpu", True, False),
+    ],
+)
 def test_sync_bn_default(monkeypatch, caplog, world, device, requested, expected):
     monkeypatch.setattr(training.idist, "get_world_size", lambda: world)
     config = {} if requested is None else {"sync_bn": requested}

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -50,9 +49,25 @@ def test_exports_match_pytorch_at_any_size(trained_weights, synthetic_voc, tmp_p
     val = synthetic_voc / "VOCdevkit/VOC2012/JPEGImages"
     ids = (synthetic_voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split()[:3]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATASET_PATH", "WEIGHTS"))}
-    done = subprocess.run([sys.executable, "code/scripts/export.py", "--config", CONFIG, "--weights",
-                           str(trained_weights), "--out", str(out), "--images", *(str(val / f"{i}.jpg") for i in ids)],
-                          cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "code/scripts/export.py",
+            "--config",
+            CONFIG,
+            "--weights",
+            str(trained_weights),
+            "--out",
+            str(out),
+            "--images",
+            *(str(val / f"{i}.jpg") for i in ids),
+        ],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "export_check.json").read_text())
     assert sorted(report) == ["onnx", "torchscript"]
@@ -82,8 +97,10 @@ def test_exports_match_pytorch_at_any_size(trained_weights, synthetic_voc, tmp_p
 
 
 def test_disagreement_is_refused():
-    rows = [{"image": "a.jpg", "size": [10, 10], "max_abs_diff": 0.0, "argmax_agreement": 1.0},
-            {"image": "b.jpg", "size": [20, 30], "max_abs_diff": 2.0, "argmax_agreement": 0.998}]
+    rows = [
+        {"image": "a.jpg", "size": [10, 10], "max_abs_diff": 0.0, "argmax_agreement": 1.0},
+        {"image": "b.jpg", "size": [20, 30], "max_abs_diff": 2.0, "argmax_agreement": 0.998},
+    ]
     with pytest.raises(UserError, match="onnx export disagrees with PyTorch on b.jpg: argmax agreement 0.99800"):
         check_agreement("onnx", rows)
     check_agreement("onnx", rows[:1])

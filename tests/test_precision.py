@@ -20,10 +20,15 @@ def gpu(monkeypatch):
     return fake
 
 
-@pytest.mark.parametrize("capability, name, expected", [
-    ((7, 0), "Tesla V100-SXM2-16GB", torch.float16), ((7, 5), "Tesla T4", torch.float16),
-    ((8, 0), "NVIDIA A100-SXM4-40GB", torch.bfloat16), ((9, 0), "NVIDIA H100 80GB HBM3", torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "capability, name, expected",
+    [
+        ((7, 0), "Tesla V100-SXM2-16GB", torch.float16),
+        ((7, 5), "Tesla T4", torch.float16),
+        ((8, 0), "NVIDIA A100-SXM4-40GB", torch.bfloat16),
+        ((9, 0), "NVIDIA H100 80GB HBM3", torch.bfloat16),
+    ],
+)
 def test_auto_is_bf16_from_ampere_on_and_fp16_below(gpu, capability, name, expected):
     gpu(capability, name)
     assert amp_dtype("auto", CUDA) == expected

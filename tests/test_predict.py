@@ -54,15 +54,28 @@ def predict(*args, **env):
 @pytest.mark.slow
 def test_folder_and_glob_give_a_mask_and_overlay_per_readable_image(inputs, checkpoint, tmp_path):
     out = tmp_path / "out"
-    done = predict("--weights", checkpoint, "--out", out, "--max-side", 120, inputs, inputs / "nested" / "*",
-                   tmp_path / "missing.jpg")
+    done = predict(
+        "--weights",
+        checkpoint,
+        "--out",
+        out,
+        "--max-side",
+        120,
+        inputs,
+        inputs / "nested" / "*",
+        tmp_path / "missing.jpg",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     skipped = sorted(line for line in done.stderr.splitlines() if line.startswith("skipped"))
-    assert [line.split()[1] for line in skipped] == [f"{inputs / 'cut.jpg'}:", f"{inputs / 'notes.txt'}:",
-                                                      f"{tmp_path / 'missing.jpg'}:"]
+    assert [line.split()[1] for line in skipped] == [
+        f"{inputs / 'cut.jpg'}:",
+        f"{inputs / 'notes.txt'}:",
+        f"{tmp_path / 'missing.jpg'}:",
+    ]
     assert f"wrote 4 masks and 4 overlays to {out}; skipped 3 inputs" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{n}{s}" for n in ("photo", "alpha", "grey", "large") for s in (".png", "_overlay.jpg"))
+        f"{n}{s}" for n in ("photo", "alpha", "grey", "large") for s in (".png", "_overlay.jpg")
+    )
 
     predictor = Predictor(REPO / EVAL_CONFIG, checkpoint)
     for source in [inputs / "photo.jpg", inputs / "alpha.png", *sorted((inputs / "nested").iterdir())]:
@@ -110,7 +123,13 @@ def test_nothing_readable_or_unknown_model_id_fails_in_one_line(tmp_path, checkp
     (tmp_path / "junk.png").write_text("junk")
     done = predict("--weights", checkpoint, "--out", tmp_path / "out", tmp_path / "junk.png")
     assert done.returncode != 0 and done.stderr.splitlines()[-1] == "error: no input could be read as an image"
-    done = predict("--weights", "0123456789abcdef0123456789abcdef", "--out", tmp_path / "out2", tmp_path / "junk.png",
-                   HOME=str(tmp_path))
+    done = predict(
+        "--weights",
+        "0123456789abcdef0123456789abcdef",
+        "--out",
+        tmp_path / "out2",
+        tmp_path / "junk.png",
+        HOME=str(tmp_path),
+    )
     assert done.returncode != 0 and done.stderr.count("\n") == 1
     assert "(a ClearML model id): no ClearML server configured" in done.stderr

@@ -11,19 +11,21 @@ import pytest
 import torch
 
 from test_training import REPO, TINY, make_env
-
 from vocseg.checkpoints import newest_complete_checkpoint
 from vocseg.outputs import run_name
 
 TRAIN = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", TINY]
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"RUN_NAME": "mine", "SLURM_JOB_ID": "7"}, "mine"),
-    ({"SLURM_JOB_ID": "7", "TORCHELASTIC_RUN_ID": "abc"}, "slurm-7"),
-    ({"TORCHELASTIC_RUN_ID": "abc", "CLEARML_TASK_ID": "f00"}, "torchrun-abc"),
-    ({"TORCHELASTIC_RUN_ID": "none", "CLEARML_TASK_ID": "f00"}, "clearml-f00"),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RUN_NAME": "mine", "SLURM_JOB_ID": "7"}, "mine"),
+        ({"SLURM_JOB_ID": "7", "TORCHELASTIC_RUN_ID": "abc"}, "slurm-7"),
+        ({"TORCHELASTIC_RUN_ID": "abc", "CLEARML_TASK_ID": "f00"}, "torchrun-abc"),
+        ({"TORCHELASTIC_RUN_ID": "none", "CLEARML_TASK_ID": "f00"}, "clearml-f00"),
+    ],
+)
 def test_run_name_comes_from_the_launcher(monkeypatch, env, expected):
     for name in ("RUN_NAME", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "CLEARML_TASK_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -48,8 +50,9 @@ def test_a_damaged_newest_checkpoint_is_never_picked(tmp_path):
 
 
 def final_weights(run_dir):
-    return torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", map_location="cpu",
-                      weights_only=True)["model"]
+    return torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", map_location="cpu", weights_only=True)[
+        "model"
+    ]
 
 
 @pytest.mark.slow
@@ -64,24 +67,28 @@ def test_stop_signal_checkpoints_and_a_rerun_continues_exactly(synthetic_voc, tm
     assert proc.wait(timeout=300) == 75, "".join(lines[-20:])
     run_dir = tmp_path / "out" / "tiny" / "spot"
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert len(saved) == 1 and lines[-1].startswith(f"stopped: SIGUSR1: stopped at iteration ")
+    assert len(saved) == 1 and lines[-1].startswith("stopped: SIGUSR1: stopped at iteration ")
     assert str(run_dir / "checkpoints" / saved[0]) in lines[-1]
-    assert not (run_dir / "metrics.json").exists() or not json.loads((run_dir / "metrics.json").read_text()).get("completed")
+    assert not (run_dir / "metrics.json").exists() or not json.loads((run_dir / "metrics.json").read_text()).get(
+        "completed"
+    )
 
     again = subprocess.run(TRAIN, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / saved[0]} at iteration" in again.stderr
 
-    reference = subprocess.run(TRAIN, cwd=REPO, env={**env, "RUN_NAME": "reference"}, capture_output=True,
-                               text=True, timeout=300)
+    reference = subprocess.run(
+        TRAIN, cwd=REPO, env={**env, "RUN_NAME": "reference"}, capture_output=True, text=True, timeout=300
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     resumed, uninterrupted = final_weights(run_dir), final_weights(tmp_path / "out" / "tiny" / "reference")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
     # The same folder with settings that change the schedule: refused, naming the key and both fixes.
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
-    changed = subprocess.run(TRAIN, cwd=REPO, env={**env, "TINY_EPOCHS": "3"}, capture_output=True, text=True,
-                             timeout=300)
+    changed = subprocess.run(
+        TRAIN, cwd=REPO, env={**env, "TINY_EPOCHS": "3"}, capture_output=True, text=True, timeout=300
+    )
     last = changed.stderr.strip().splitlines()[-1]
     assert changed.returncode == 2 and last.startswith("error: checkpoint ")
     assert "num_epochs=2 there, 3 now" in last and "RUN_NAME" in last and "old settings" in last
@@ -97,7 +104,9 @@ def test_torchrun_restart_continues_from_the_last_checkpoint(synthetic_voc, tmp_
     from test_distributed import TRAINING, finish, free_port, start, torchrun, workers
 
     env = make_env(synthetic_voc, tmp_path / "out", TINY_SAVE_EVERY=2)
-    (launcher,) = start([torchrun("--max-restarts=2", "--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING)], env)
+    (launcher,) = start(
+        [torchrun("--max-restarts=2", "--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING)], env
+    )
     deadline = time.time() + 300
     while time.time() < deadline and launcher.poll() is None:
         if list((tmp_path / "out").glob("tiny/*/checkpoints/training_checkpoint_4.pt")):
@@ -115,9 +124,14 @@ def test_torchrun_restart_continues_from_the_last_checkpoint(synthetic_voc, tmp_
     assert json.loads((run_dir / "metrics.json").read_text())["completed"]
     assert re.search(r"resumed from \S+training_checkpoint_\d+\.pt at iteration \d+", text), text[-3000:]
 
-    reference = subprocess.run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING), cwd=REPO,
-                               env=make_env(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY=2), capture_output=True,
-                               text=True, timeout=600)
+    reference = subprocess.run(
+        torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *TRAINING),
+        cwd=REPO,
+        env=make_env(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY=2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     (ref_dir,) = (tmp_path / "ref" / "tiny").iterdir()
     resumed, uninterrupted = final_weights(run_dir), final_weights(ref_dir)

@@ -53,8 +53,9 @@ CONFIGS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("configs/*/*.py")
 
 
 @pytest.mark.parametrize("config_path", CONFIGS)
-def test_every_config_scores_mixed_and_larger_images_unpadded(config_path, backbone_file, mixed_size_voc,
-                                                              monkeypatch, tmp_path):
+def test_every_config_scores_mixed_and_larger_images_unpadded(
+    config_path, backbone_file, mixed_size_voc, monkeypatch, tmp_path
+):
     monkeypatch.setenv("DATASET_PATH", str(mixed_size_voc))
     monkeypatch.setenv("SBD_DATASET_PATH", str(mixed_size_voc / "SBD"))
     monkeypatch.setenv("PRETRAINED_BACKBONE", str(backbone_file))

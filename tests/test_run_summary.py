@@ -22,8 +22,14 @@ def run_dir(synthetic_voc, tmp_path_factory):
     out = tmp_path_factory.mktemp("summary_run")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINY_", "CLEARML", "RESUME_FROM", "WEIGHTS"))}
     env.update(DATASET_PATH=str(synthetic_voc), OUTPUT_PATH=str(out), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "py_config_runner", "code/scripts/training.py", "tests/configs/tiny.py"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", "tests/configs/tiny.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (out / "tiny").iterdir()
     assert f"summary {run / 'summary.png'} | curves: tensorboard --logdir {run / 'tb'}" in done.stderr

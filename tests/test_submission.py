@@ -41,8 +41,19 @@ def weights(tmp_path_factory):
 
 
 def submit(data, weights, out, *extra, **env):
-    cmd = [sys.executable, "code/scripts/submission.py", "--config", EVAL_CONFIG, "--weights", str(weights),
-           "--competition", "comp6", "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "code/scripts/submission.py",
+        "--config",
+        EVAL_CONFIG,
+        "--weights",
+        str(weights),
+        "--competition",
+        "comp6",
+        "--out",
+        str(out),
+        *extra,
+    ]
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("TINY_", "DATASET_PATH", "WEIGHTS"))}
     environ.update(DATASET_PATH=str(data), OMP_NUM_THREADS="1", **env)
     return subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)

@@ -41,7 +41,9 @@ def test_palette_matches_the_devkit():
 
 @pytest.mark.parametrize("image_set", ["train", "val", "trainval"])
 def test_torchvision_reads_voc_unchanged(synthetic_voc, image_set):
-    reference = torchvision.datasets.VOCSegmentation(root=synthetic_voc, year="2012", image_set=image_set, download=False)
+    reference = torchvision.datasets.VOCSegmentation(
+        root=synthetic_voc, year="2012", image_set=image_set, download=False
+    )
     ours = VOCSegmentation(synthetic_voc, image_set)
     assert [Path(p).stem for p in reference.images] == ours.ids == voc_split(synthetic_voc, image_set)
     for i in range(len(ours)):
@@ -119,7 +121,9 @@ def test_voc_masks_have_void_outlines_and_sbd_none(synthetic_voc):
 
 def test_splits_overlap_like_the_real_datasets(synthetic_voc):
     train, val, trainval = (set(voc_split(synthetic_voc, s)) for s in ("train", "val", "trainval"))
-    sbd_train, sbd_val, noval = (set(split(synthetic_voc / "SBD" / f"{s}.txt")) for s in ("train", "val", "train_noval"))
+    sbd_train, sbd_val, noval = (
+        set(split(synthetic_voc / "SBD" / f"{s}.txt")) for s in ("train", "val", "train_noval")
+    )
     assert not train & val and trainval == train | val
     assert not sbd_train & sbd_val
     assert sbd_train & val and sbd_val & val  # VOC val leaks into both SBD splits
@@ -149,7 +153,18 @@ def test_refuses_to_write_over_existing_data(tmp_path):
 
 def test_script_writes_data_and_prints_exports(tmp_path):
     out = tmp_path / "syn"
-    cmd = [sys.executable, "code/scripts/make_synthetic_voc.py", str(out), "--train", "3", "--val", "2", "--size", "32", "32"]
+    cmd = [
+        sys.executable,
+        "code/scripts/make_synthetic_voc.py",
+        str(out),
+        "--train",
+        "3",
+        "--val",
+        "2",
+        "--size",
+        "32",
+        "32",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"export DATASET_PATH={out.resolve()}\n" in done.stdout
@@ -179,5 +194,6 @@ def test_test_split_is_laid_out_like_voc2012test(tmp_path):
     assert len(sizes) > 1  # a submission must follow each image's own size
     # Everything else is byte-identical to a dataset generated without the test split.
     with_test = snapshot(root)
-    assert {k: v for k, v in with_test.items() if not any(i in k for i in test) and not k.endswith("test.txt")} \
-        == snapshot(tmp_path / "plain")
+    assert {
+        k: v for k, v in with_test.items() if not any(i in k for i in test) and not k.endswith("test.txt")
+    } == snapshot(tmp_path / "plain")

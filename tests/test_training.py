@@ -30,7 +30,9 @@ def run_script(script, config, env, timeout=600, **popen):
 
 def make_env(data, out, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINY_", "CLEARML", "RESUME_FROM", "WEIGHTS"))}
-    env.update(DATASET_PATH=str(data), OUTPUT_PATH=str(out), OMP_NUM_THREADS="1", **{k: str(v) for k, v in extra.items()})
+    env.update(
+        DATASET_PATH=str(data), OUTPUT_PATH=str(out), OMP_NUM_THREADS="1", **{k: str(v) for k, v in extra.items()}
+    )
     return env
 
 
@@ -54,7 +56,9 @@ def test_run_writes_every_output(trained):
     assert {"tiny.py", "training.py", "training.log", "metrics.json"} <= names
     # 24 images / batch 4 = 6 iterations per epoch, 2 epochs, a checkpoint every 2 iterations, last 2 kept.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "training_checkpoint_10.pt", "training_checkpoint_12.pt"]
+        "training_checkpoint_10.pt",
+        "training_checkpoint_12.pt",
+    ]
     assert len(list((run_dir / "best").glob("best_model_*_val_mIoU=*.pt"))) == 2
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -62,14 +66,27 @@ def test_run_writes_every_output(trained):
     assert 0.0 <= metrics["val"]["mIoU"] <= 1.0 and len(metrics["val"]["IoU"]) == 21
     assert Path(metrics["best_model"]).is_file()
     log = (run_dir / "training.log").read_text()
-    for needle in ("torch 2.", "world size 1", "train images 24", "val images 21", str(run_dir), "precision fp32",
-                   "backbone weights: none (pretrained_backbone=False"):
+    for needle in (
+        "torch 2.",
+        "world size 1",
+        "train images 24",
+        "val images 21",
+        str(run_dir),
+        "precision fp32",
+        "backbone weights: none (pretrained_backbone=False",
+    ):
         assert needle in log
     assert metrics["backbone_source"].startswith("none (pretrained_backbone=False") and metrics["precision"] == "fp32"
     checkpoint = torch.load(run_dir / "checkpoints" / "training_checkpoint_12.pt", weights_only=True)
     assert set(checkpoint) == {"settings", "trainer", "model", "optimizer", "lr_scheduler", "scaler", "best_models"}
-    assert checkpoint["settings"] == {"seed": 7, "batch_size": 4, "num_epochs": 2, "accumulation_steps": 1,
-                                      "world_size": 1, "iterations_per_epoch": 6}
+    assert checkpoint["settings"] == {
+        "seed": 7,
+        "batch_size": 4,
+        "num_epochs": 2,
+        "accumulation_steps": 1,
+        "world_size": 1,
+        "iterations_per_epoch": 6,
+    }
     assert checkpoint["trainer"]["iteration"] == 12
 
 
@@ -83,8 +100,9 @@ def numpy_miou(model, voc_root):
     for image_path, mask_path in zip(dataset.image_paths, dataset.mask_paths):
         image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
         mask = np.array(Image.open(mask_path))
-        x, _ = prepare_batch({"image": torch.from_numpy(image).permute(2, 0, 1)[None],
-                              "mask": torch.from_numpy(mask)[None]}, "cpu")
+        x, _ = prepare_batch(
+            {"image": torch.from_numpy(image).permute(2, 0, 1)[None], "mask": torch.from_numpy(mask)[None]}, "cpu"
+        )
         with torch.no_grad():
             pred = model(x)["out"].argmax(1)[0].numpy()
         keep = mask != 255
@@ -117,8 +135,9 @@ def test_mixed_and_larger_images_are_scored_unpadded(mixed_size_voc, tmp_path):
 def test_evaluation_reproduces_training_val_miou(trained, synthetic_voc, tmp_path):
     run_dir, _ = trained
     weights = run_dir / "checkpoints" / "training_checkpoint_12.pt"
-    proc = run_script("evaluation", "tests/configs/tiny_eval.py",
-                      make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights))
+    proc = run_script(
+        "evaluation", "tests/configs/tiny_eval.py", make_env(synthetic_voc, tmp_path / "out", WEIGHTS_PATH=weights)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     eval_dir = only_run_dir(tmp_path / "out", "tiny_eval")
     result = json.loads((eval_dir / "metrics.json").read_text())
@@ -136,13 +155,15 @@ def test_exact_resume_after_kill(synthetic_voc, tmp_path):
     knobs = dict(TINY_EPOCHS=3, TINY_SAVE_EVERY=4, TINY_WORKERS=2)
     full = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "full", **knobs))
     assert full.returncode == 0, full.stderr[-3000:]
-    reference = torch.load(only_run_dir(tmp_path / "full") / "checkpoints" / "training_checkpoint_18.pt",
-                           weights_only=True)
+    reference = torch.load(
+        only_run_dir(tmp_path / "full") / "checkpoints" / "training_checkpoint_18.pt", weights_only=True
+    )
 
     env = make_env(synthetic_voc, tmp_path / "killed", **knobs)
     cmd = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", TINY]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     first = None
     while time.time() < deadline and proc.poll() is None:
@@ -157,12 +178,14 @@ def test_exact_resume_after_kill(synthetic_voc, tmp_path):
     # Mid-epoch (iteration 4 of 6 per epoch) unless the kill landed later.
     checkpoints = sorted(first.parent.glob("training_checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
     resume_from = checkpoints[-1]
-    resumed = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "resumed", RESUME_FROM=resume_from,
-                                                    **knobs))
+    resumed = run_script(
+        "training", TINY, make_env(synthetic_voc, tmp_path / "resumed", RESUME_FROM=resume_from, **knobs)
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in (only_run_dir(tmp_path / "resumed") / "training.log").read_text()
-    final = torch.load(only_run_dir(tmp_path / "resumed") / "checkpoints" / "training_checkpoint_18.pt",
-                       weights_only=True)
+    final = torch.load(
+        only_run_dir(tmp_path / "resumed") / "checkpoints" / "training_checkpoint_18.pt", weights_only=True
+    )
     assert final["trainer"]["iteration"] == reference["trainer"]["iteration"] == 18
     for key, value in reference["model"].items():
         assert torch.equal(value, final["model"][key]), key
@@ -194,21 +217,35 @@ def test_resume_keeps_best_models_and_early_stopping(synthetic_voc, tmp_path):
     full_dir = only_run_dir(tmp_path / "full")
 
     cmd = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", TINY]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=make_env(synthetic_voc, tmp_path / "killed", **knobs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    kill_when(proc, tmp_path / "killed", lambda root: list(root.glob("tiny/*/best/best_model_1_*.pt")) and list(
-        root.glob("tiny/*/checkpoints/training_checkpoint_8.pt")))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=make_env(synthetic_voc, tmp_path / "killed", **knobs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    kill_when(
+        proc,
+        tmp_path / "killed",
+        lambda root: (
+            list(root.glob("tiny/*/best/best_model_1_*.pt"))
+            and list(root.glob("tiny/*/checkpoints/training_checkpoint_8.pt"))
+        ),
+    )
     killed_dir = only_run_dir(tmp_path / "killed")
     (first_best,) = [p.name for p in (killed_dir / "best").glob("best_model_1_*.pt")]
-    checkpoints = sorted((killed_dir / "checkpoints").glob("training_checkpoint_*.pt"),
-                         key=lambda p: int(p.stem.split("_")[-1]))
+    checkpoints = sorted(
+        (killed_dir / "checkpoints").glob("training_checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[-1])
+    )
     state = torch.load(checkpoints[-1], weights_only=True)
     assert state["best_models"]["_saved"][0][1] == first_best
     epoch1_miou = float(first_best.split("=")[1][:-3])
     assert state["early_stopping"]["best_score"] == pytest.approx(epoch1_miou, abs=1e-4)
 
-    resumed = run_script("training", TINY, make_env(synthetic_voc, tmp_path / "resumed", RESUME_FROM=checkpoints[-1],
-                                                    **knobs))
+    resumed = run_script(
+        "training", TINY, make_env(synthetic_voc, tmp_path / "resumed", RESUME_FROM=checkpoints[-1], **knobs)
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed_dir = only_run_dir(tmp_path / "resumed")
     names = lambda run: sorted(p.name for p in (run / "best").glob("best_model_*.pt"))  # noqa: E731
@@ -262,8 +299,9 @@ def test_unreachable_backbone_weights_stop_before_training(synthetic_voc, tmp_pa
     with socket.socket() as sock:  # a proxy port where nothing listens: the download fails at once, offline
         sock.bind(("127.0.0.1", 0))
         proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    env = make_env(synthetic_voc, tmp_path, TINY_PRETRAINED=1, TORCH_HOME=tmp_path / "torch", HTTPS_PROXY=proxy,
-                   https_proxy=proxy)
+    env = make_env(
+        synthetic_voc, tmp_path, TINY_PRETRAINED=1, TORCH_HOME=tmp_path / "torch", HTTPS_PROXY=proxy, https_proxy=proxy
+    )
     for name in ("NO_PROXY", "no_proxy", "PRETRAINED_BACKBONE"):
         env.pop(name, None)
     proc = run_script("training", TINY, env)
@@ -275,8 +313,11 @@ def test_unreachable_backbone_weights_stop_before_training(synthetic_voc, tmp_pa
 
 
 def test_missing_weights_for_evaluation(synthetic_voc, tmp_path):
-    proc = run_script("evaluation", "configs/eval/baseline_resnet101.py",
-                      make_env(synthetic_voc, tmp_path, WEIGHTS_PATH=tmp_path / "missing.pt"))
+    proc = run_script(
+        "evaluation",
+        "configs/eval/baseline_resnet101.py",
+        make_env(synthetic_voc, tmp_path, WEIGHTS_PATH=tmp_path / "missing.pt"),
+    )
     assert proc.returncode != 0
     assert "missing.pt" in last_line(proc) and "WEIGHTS_PATH" in last_line(proc)
 
@@ -302,10 +343,17 @@ def test_run_honours_the_mutations_of_the_config_object_it_is_given(synthetic_vo
         monkeypatch.setenv(name, value)
     for name in [k for k in os.environ if k.startswith(("TINY_", "RESUME_FROM"))]:
         monkeypatch.delenv(name)
-    run(ConfigObject(REPO / TINY, mutations={"num_epochs": 1, "save_every_iters": 3},
-                     script_filepath=REPO / "code/scripts/training.py"))
+    run(
+        ConfigObject(
+            REPO / TINY,
+            mutations={"num_epochs": 1, "save_every_iters": 3},
+            script_filepath=REPO / "code/scripts/training.py",
+        )
+    )
     run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["completed"] and metrics["epoch"] == 1 and metrics["iteration"] == 6
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "training_checkpoint_3.pt", "training_checkpoint_6.pt"]
+        "training_checkpoint_3.pt",
+        "training_checkpoint_6.pt",
+    ]

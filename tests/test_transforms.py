@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from vocseg.dataflow import SegmentationSamples
-from vocseg.errors import UserError
 from vocseg.transforms import train_transform
 
 

@@ -26,8 +26,10 @@ def check_images(inputs) -> dict:
 
     if not inputs:
         rng = np.random.default_rng(0)
-        return {f"random {h}x{w}": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                for h, w in ((97, 131), (160, 120), (211, 250))}
+        return {
+            f"random {h}x{w}": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for h, w in ((97, 131), (160, 120), (211, 250))
+        }
     files, problems = collect_inputs(inputs)
     images = {}
     for path in files:
@@ -45,8 +47,11 @@ def check_images(inputs) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="eval config defining the model")
-    parser.add_argument("--weights", help="best_model_*.pt, a training checkpoint or a ClearML model id "
-                                          "(default: weights_path of the config, i.e. WEIGHTS_PATH)")
+    parser.add_argument(
+        "--weights",
+        help="best_model_*.pt, a training checkpoint or a ClearML model id "
+        "(default: weights_path of the config, i.e. WEIGHTS_PATH)",
+    )
     parser.add_argument("--out", required=True, help="folder for the exports and export_check.json")
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=sorted(FORMATS))
     parser.add_argument("--images", nargs="*", default=[], help="image files, folders or globs to check on")
@@ -81,8 +86,11 @@ def run(args) -> None:
         report[name] = {"path": str(path), "rows": rows, **({"opset": export.ONNX_OPSET} if name == "onnx" else {})}
         (out / "export_check.json").write_text(json.dumps(report, indent=2))
         for row in rows:
-            print(f"{name:<11} {row['image']} ({row['size'][0]}x{row['size'][1]}): max abs logit difference {row['max_abs_diff']:.3g}, "
-                  f"argmax agreement {100 * row['argmax_agreement']:.3f}%")
+            print(
+                f"{name:<11} {row['image']} ({row['size'][0]}x{row['size'][1]}): "
+                f"max abs logit difference {row['max_abs_diff']:.3g}, "
+                f"argmax agreement {100 * row['argmax_agreement']:.3f}%"
+            )
         export.check_agreement(name, rows)
         print(f"{name:<11} wrote {path}")
 

@@ -18,8 +18,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="base training task: task id or config name")
     parser.add_argument("--queue", required=True, help="execution queue served by a clearml-agent")
-    parser.add_argument("--param", action="append", metavar="NAME=RANGE",
-                        help="loguniform:MIN:MAX, uniform:MIN:MAX[:STEP], int:MIN:MAX[:STEP] or choice:A,B,...")
+    parser.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=RANGE",
+        help="loguniform:MIN:MAX, uniform:MIN:MAX[:STEP], int:MIN:MAX[:STEP] or choice:A,B,...",
+    )
     parser.add_argument("--space", help="Python file defining space = {name: range, ...} (a list is a choice)")
     parser.add_argument("--strategy", choices=hs.STRATEGIES, default="random")
     parser.add_argument("--trials", type=int, default=10, help="number of trials in all")
@@ -31,8 +35,13 @@ def main(argv=None) -> None:
         if args.trials < 1 or args.concurrent < 1:
             raise UserError(f"--trials {args.trials} --concurrent {args.concurrent}: both must be at least 1")
         ranges = hs.parse_ranges(args.param, args.space)
-        summary = hs.search(args.base, ranges, args.queue, args.strategy,
-                            hs.Budget(args.trials, args.concurrent, args.time_limit, args.poll_seconds))
+        summary = hs.search(
+            args.base,
+            ranges,
+            args.queue,
+            args.strategy,
+            hs.Budget(args.trials, args.concurrent, args.time_limit, args.poll_seconds),
+        )
     except UserError as exc:
         exit_with(exc)
     done = sum(status == "completed" for status in summary["trials"].values())

@@ -1,6 +1,6 @@
 """Write a small synthetic Pascal VOC 2012 + SBD dataset for smoke tests and quick experiments.
 
-    python code/scripts/make_synthetic_voc.py OUT --train 200 --val 50 [--test 30] [--size 128 128] [--seed 0]
+python code/scripts/make_synthetic_voc.py OUT --train 200 --val 50 [--test 30] [--size 128 128] [--seed 0]
 """
 
 import argparse
@@ -14,14 +14,19 @@ def main(argv=None) -> None:
     parser.add_argument("out", help="folder to create VOCdevkit/ and SBD/ in")
     parser.add_argument("--train", type=int, required=True, help="number of VOC train images")
     parser.add_argument("--val", type=int, required=True, help="number of VOC val images (>= 20 covers every class)")
-    parser.add_argument("--test", type=int, default=0,
-                        help="number of VOC test images: JPEGs and ImageSets/Segmentation/test.txt, no masks")
+    parser.add_argument(
+        "--test",
+        type=int,
+        default=0,
+        help="number of VOC test images: JPEGs and ImageSets/Segmentation/test.txt, no masks",
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        summary = make_synthetic_voc(args.out, args.train, args.val, size=tuple(args.size), seed=args.seed,
-                                     n_test=args.test)
+        summary = make_synthetic_voc(
+            args.out, args.train, args.val, size=tuple(args.size), seed=args.seed, n_test=args.test
+        )
     except UserError as exc:
         exit_with(exc)
     print(

@@ -19,12 +19,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
     parser.add_argument("--config", required=True, help="eval config defining model, tta_flip, tta_scales, device")
-    parser.add_argument("--weights", help="best_model_*.pt, a training checkpoint or a ClearML model id "
-                                          "(default: weights_path of the config, i.e. WEIGHTS_PATH)")
+    parser.add_argument(
+        "--weights",
+        help="best_model_*.pt, a training checkpoint or a ClearML model id "
+        "(default: weights_path of the config, i.e. WEIGHTS_PATH)",
+    )
     parser.add_argument("--out", required=True, help="folder for <name>.png masks and <name>_overlay.jpg")
-    parser.add_argument("--max-side", type=int, default=1024,
-                        help="longer images are predicted at this many pixels on the long side and the mask scaled "
-                             "back to full size (0: always full size; default %(default)s)")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=1024,
+        help="longer images are predicted at this many pixels on the long side and the mask scaled "
+        "back to full size (0: always full size; default %(default)s)",
+    )
     parser.add_argument("--device", help="override the config's device, e.g. cpu or cuda:1")
     parser.add_argument("--overwrite", action="store_true", help="replace masks and overlays already in --out")
     args = parser.parse_args(argv)

@@ -17,12 +17,22 @@ from vocseg.errors import UserError, exit_with
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="eval config defining model, tta_flip, tta_scales, device")
-    parser.add_argument("--weights", help="best_model_*.pt, a training checkpoint or a ClearML model id "
-                                          "(default: weights_path of the config, i.e. WEIGHTS_PATH)")
-    parser.add_argument("--competition", required=True, choices=("comp5", "comp6"),
-                        help="comp5: trained on VOC2012 data only; comp6: trained with extra data such as SBD")
-    parser.add_argument("--dataset-path", default=os.environ.get("DATASET_PATH"),
-                        help="folder containing VOCdevkit/ with the test images (default: DATASET_PATH)")
+    parser.add_argument(
+        "--weights",
+        help="best_model_*.pt, a training checkpoint or a ClearML model id "
+        "(default: weights_path of the config, i.e. WEIGHTS_PATH)",
+    )
+    parser.add_argument(
+        "--competition",
+        required=True,
+        choices=("comp5", "comp6"),
+        help="comp5: trained on VOC2012 data only; comp6: trained with extra data such as SBD",
+    )
+    parser.add_argument(
+        "--dataset-path",
+        default=os.environ.get("DATASET_PATH"),
+        help="folder containing VOCdevkit/ with the test images (default: DATASET_PATH)",
+    )
     parser.add_argument("--out", default="output/submission", help="folder for results/ and the archive")
     parser.add_argument("--device", help="override the config's device, e.g. cpu or cuda:1")
     args = parser.parse_args(argv)

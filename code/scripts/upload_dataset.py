@@ -25,14 +25,17 @@ def main(argv=None) -> None:
     parser.add_argument("--sbd-name", default="SBD", help="dataset name of the SBD folder")
     parser.add_argument("--output-uri", help="where the files go (default: the server's fileserver)")
     args = parser.parse_args(argv)
-    jobs = [("voc", args.dir, args.name, "DATASET_PATH")] + ([("sbd", args.sbd, args.sbd_name, "SBD_DATASET_PATH")]
-                                                            if args.sbd else [])
+    jobs = [("voc", args.dir, args.name, "DATASET_PATH")] + (
+        [("sbd", args.sbd, args.sbd_name, "SBD_DATASET_PATH")] if args.sbd else []
+    )
     try:
-        done = [(clearml_data.upload(folder, kind, name, args.project, args.output_uri), name, variable)
-                for kind, folder, name, variable in jobs]
+        done = [
+            (clearml_data.upload(folder, kind, name, args.project, args.output_uri), name, variable)
+            for kind, folder, name, variable in jobs
+        ]
     except UserError as exc:
         exit_with(exc)
-    for result, name, variable in done:
+    for result, name, _variable in done:
         what = "unchanged: reusing" if result.reused else "uploaded"
         print(f"{args.project}/{name}: {what} version {result.version}, dataset id {result.id} ({result.files} files)")
     for result, _, variable in done:

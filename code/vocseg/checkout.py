@@ -11,7 +11,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass
@@ -30,8 +29,9 @@ def _git(folder, *args, env=None) -> str:
 def _remote(root: Path, branch: str) -> str:
     """The branch's upstream remote, else ``origin``, else the first remote; "" when there is none."""
     names = _git(root, "remote").split()
-    upstream = subprocess.run(["git", "config", f"branch.{branch}.remote"], cwd=root, capture_output=True,
-                              text=True).stdout.strip()
+    upstream = subprocess.run(
+        ["git", "config", f"branch.{branch}.remote"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
     for name in [upstream, "origin", *names]:
         if name in names:
             url = _git(root, "remote", "get-url", name).strip()
@@ -50,13 +50,14 @@ def _diff(root: Path) -> str:
         return _git(root, "diff", "--cached", "--binary", "HEAD", env=env)
 
 
-def find_checkout(folder=".") -> Optional[Checkout]:
+def find_checkout(folder=".") -> Checkout | None:
     """The git checkout holding ``folder`` with at least one commit, or None (not a checkout, no git)."""
     try:
         root = Path(_git(folder, "rev-parse", "--show-toplevel").strip())
         commit = _git(root, "rev-parse", "HEAD").strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    branch = subprocess.run(["git", "symbolic-ref", "-q", "--short", "HEAD"], cwd=root, capture_output=True,
-                            text=True).stdout.strip()  # "" on a detached HEAD
+    branch = subprocess.run(
+        ["git", "symbolic-ref", "-q", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()  # "" on a detached HEAD
     return Checkout(root=root, repository=_remote(root, branch), branch=branch, commit=commit, diff=_diff(root))

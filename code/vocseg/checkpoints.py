@@ -48,8 +48,12 @@ def training_checkpointer(to_save: dict, dirname, n_saved: int = 2) -> Checkpoin
 
 def best_model_checkpointer(model, dirname, trainer, metric: str = "mIoU", n_saved: int = 2) -> Checkpoint:
     return Checkpoint(
-        {"model": model}, SaveThenRemove(dirname), filename_prefix="best",
-        n_saved=n_saved, score_function=Checkpoint.get_default_score_fn(metric), score_name=f"val_{metric}",
+        {"model": model},
+        SaveThenRemove(dirname),
+        filename_prefix="best",
+        n_saved=n_saved,
+        score_function=Checkpoint.get_default_score_fn(metric),
+        score_name=f"val_{metric}",
         global_step_transform=global_step_from_engine(trainer),
     )
 
@@ -65,7 +69,9 @@ def load_file(path, what: str, env: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{what} {path} is not a readable PyTorch checkpoint ({type(exc).__name__}): fix {env}") from None
+        raise UserError(
+            f"{what} {path} is not a readable PyTorch checkpoint ({type(exc).__name__}): fix {env}"
+        ) from None
 
 
 def _model_state(model):
@@ -77,8 +83,11 @@ def check_model_state(model, state: dict, path) -> None:
     expected = _model_state(model)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape
+    ]
     if not (missing or unexpected or shapes):
         return
 
@@ -137,8 +146,10 @@ def load_weights(model, path, env: str = "WEIGHTS_PATH") -> None:
 def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):
     """A local path unchanged; a ClearML model id (32 hex characters) -> the local copy of its weights."""
     if not weights_path:
-        raise UserError(f"{env} is not set and the config's weights_path is empty: set {env}=/path/to/best_model.pt "
-                        "(or a ClearML model id), or weights_path in the config")
+        raise UserError(
+            f"{env} is not set and the config's weights_path is empty: set {env}=/path/to/best_model.pt "
+            "(or a ClearML model id), or weights_path in the config"
+        )
     text = str(weights_path).strip()
     if not _MODEL_ID.fullmatch(text) or Path(text).exists():
         return weights_path
@@ -162,8 +173,10 @@ def newest_complete_checkpoint(folder):
     Saving is atomic (a temporary file renamed into place), so a checkpoint that does not load was damaged
     afterwards (a full disk, a copy cut short): it is skipped with a warning, never resumed from.
     """
-    found = sorted(Path(folder).glob("training_checkpoint_*.pt"),
-                   key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1)
+    found = sorted(
+        Path(folder).glob("training_checkpoint_*.pt"),
+        key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1,
+    )
     return next((path for path in reversed(found) if loads(path)), None)
 
 
@@ -180,5 +193,6 @@ class RunSettings:
     def load_state_dict(self, saved: dict) -> None:
         differ = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in self.settings.items() if saved.get(k) != v]
         if differ:
-            raise UserError(f"checkpoint {self.source} was written with other settings ({'; '.join(differ)}): "
-                            f"{self.fixes}")
+            raise UserError(
+                f"checkpoint {self.source} was written with other settings ({'; '.join(differ)}): {self.fixes}"
+            )

@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from vocseg.checkpoints import loads
 from vocseg.errors import UserError
@@ -33,7 +32,7 @@ class CheckpointUploads:
 
     def __init__(self, task, staging: Path):
         self.task, self.staging = task, Path(staging)
-        self.uploaded: Optional[str] = None  # file name of the checkpoint the task holds now
+        self.uploaded: str | None = None  # file name of the checkpoint the task holds now
         self.failures = 0
         self._pending, self._busy, self._closed = None, False, False
         self._cond = threading.Condition()
@@ -67,8 +66,12 @@ class CheckpointUploads:
                 self._upload(link, iteration)
             except Exception as exc:  # a failed upload must not stop training; the previous copy stays
                 self.failures += 1
-                log.warning("training checkpoint %s not uploaded to the ClearML task: %s: %s", link.name,
-                            type(exc).__name__, exc)
+                log.warning(
+                    "training checkpoint %s not uploaded to the ClearML task: %s: %s",
+                    link.name,
+                    type(exc).__name__,
+                    exc,
+                )
             finally:
                 link.unlink(missing_ok=True)
                 with self._cond:
@@ -79,12 +82,17 @@ class CheckpointUploads:
         previous = self.task.artifacts.get(ARTIFACT)
         started = time.monotonic()
         self.task.flush(wait_for_uploads=True)  # the curves up to this checkpoint reach the server first
-        ok = self.task.upload_artifact(ARTIFACT, artifact_object=link, metadata={"iteration": iteration},
-                                       wait_on_upload=True)
+        ok = self.task.upload_artifact(
+            ARTIFACT, artifact_object=link, metadata={"iteration": iteration}, wait_on_upload=True
+        )
         if not ok:
             raise RuntimeError("the ClearML SDK refused the upload")
-        log.info("training checkpoint %s uploaded to the ClearML task (%.0f MB in %.1f s)", link.name,
-                 link.stat().st_size / 2**20, time.monotonic() - started)
+        log.info(
+            "training checkpoint %s uploaded to the ClearML task (%.0f MB in %.1f s)",
+            link.name,
+            link.stat().st_size / 2**20,
+            time.monotonic() - started,
+        )
         self.uploaded = link.name
         if previous is not None and previous.url and Path(previous.url).name != link.name:
             _delete_remote(previous.url)
@@ -105,8 +113,10 @@ class CheckpointUploads:
                 self._pending[0].unlink(missing_ok=True)
                 self._pending = None
         if not self.wait():
-            log.warning("training checkpoint upload to the ClearML task not finished after 600 s: the task "
-                        "keeps the previous one")
+            log.warning(
+                "training checkpoint upload to the ClearML task not finished after 600 s: the task "
+                "keeps the previous one"
+            )
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -122,7 +132,7 @@ def _delete_remote(url: str) -> None:
         log.warning("old training checkpoint %s not deleted from storage: %s", url, exc)
 
 
-def fetch_checkpoint(task, folder: Path) -> Optional[Path]:
+def fetch_checkpoint(task, folder: Path) -> Path | None:
     """The task's ``training_checkpoint`` artifact downloaded into ``folder`` (under its own file name), or
     None when the task holds none. One that cannot be downloaded or does not load stops the run: starting
     over from iteration 0 would overwrite the task's curves with a run that forgot its training."""
@@ -139,19 +149,28 @@ def fetch_checkpoint(task, folder: Path) -> Optional[Path]:
     staging = folder / ".clearml_fetch"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        local = StorageManager.download_file(artifact.url, local_folder=str(staging), overwrite=True,
-                                             silence_errors=True)
+        local = StorageManager.download_file(
+            artifact.url, local_folder=str(staging), overwrite=True, silence_errors=True
+        )
         if not local:
-            raise UserError(f"{where}, but it could not be downloaded: enqueue the task again once its storage "
-                            "answers, or clone it to start a new run")
+            raise UserError(
+                f"{where}, but it could not be downloaded: enqueue the task again once its storage "
+                "answers, or clone it to start a new run"
+            )
         os.replace(local, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not loads(target):
         target.unlink()
-        raise UserError(f"{where}, but the downloaded file is not a readable checkpoint: clone the task to start "
-                        "a new run")
-    log.info("fetched training checkpoint %s (iteration %s) from ClearML task %s: %.0f MB in %.1f s", target.name,
-             (artifact.metadata or {}).get("iteration", "?"), task.id, target.stat().st_size / 2**20,
-             time.monotonic() - started)
+        raise UserError(
+            f"{where}, but the downloaded file is not a readable checkpoint: clone the task to start a new run"
+        )
+    log.info(
+        "fetched training checkpoint %s (iteration %s) from ClearML task %s: %.0f MB in %.1f s",
+        target.name,
+        (artifact.metadata or {}).get("iteration", "?"),
+        task.id,
+        target.stat().st_size / 2**20,
+        time.monotonic() - started,
+    )
     return target

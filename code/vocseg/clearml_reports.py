@@ -23,16 +23,24 @@ def report_confusion_matrix(logger, cm, iteration: int) -> None:
     cm = cm.double()
     names = class_names(cm.shape[0])
     logger.report_confusion_matrix(
-        "val confusion matrix", "normalised by ground truth", matrix=(cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy(),
-        iteration=iteration, xaxis="predicted", yaxis="ground truth", xlabels=names, ylabels=names,
-        yaxis_reversed=True)
+        "val confusion matrix",
+        "normalised by ground truth",
+        matrix=(cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy(),
+        iteration=iteration,
+        xaxis="predicted",
+        yaxis="ground truth",
+        xlabels=names,
+        ylabels=names,
+        yaxis_reversed=True,
+    )
 
 
 class ClearMLTracker:
     """Reports a training run to its task with Ignite's ClearML handlers; created by ``train()``."""
 
-    def __init__(self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger,
-                 checkpointer=None):
+    def __init__(
+        self, task, *, config, output_dir, trainer, evaluators, optimizer, model, best, logger, checkpointer=None
+    ):
         from clearml import OutputModel
         from ignite.handlers.clearml_logger import ClearMLLogger
 
@@ -46,20 +54,30 @@ class ClearMLTracker:
             warnings.filterwarnings("ignore", message=".*running in bypass mode")
             self.clearml = ClearMLLogger()  # adopts the current task
         every = Events.ITERATION_COMPLETED(every=int(config.get("log_every_iters", 10)))
-        self.clearml.attach_output_handler(trainer, every, tag="train",
-                                           output_transform=lambda o: {"batch_loss": float(o["batch_loss"])})
+        self.clearml.attach_output_handler(
+            trainer, every, tag="train", output_transform=lambda o: {"batch_loss": float(o["batch_loss"])}
+        )
         self.clearml.attach_opt_params_handler(trainer, every, optimizer, param_name="lr")
         for tag, evaluator in evaluators.items():
-            self.clearml.attach_output_handler(evaluator, Events.COMPLETED, tag=tag, metric_names=SCALAR_METRICS,
-                                               global_step_transform=lambda *_: trainer.state.epoch)
+            self.clearml.attach_output_handler(
+                evaluator,
+                Events.COMPLETED,
+                tag=tag,
+                metric_names=SCALAR_METRICS,
+                global_step_transform=lambda *_: trainer.state.epoch,
+            )
             evaluator.add_event_handler(Events.COMPLETED, self._report_class_iou, tag)
         # After the best-model checkpointer (registered earlier on the same event), so its file exists.
         evaluators["val"].add_event_handler(Events.COMPLETED, self._after_validation)
         self.names = class_names(int(config.get("num_classes", len(VOC_CLASSES))))
         self.val_interval = int(config.get("val_interval", 1))
         trainer.add_event_handler(Events.STARTED, self._number_images_on)
-        self.model_entry = OutputModel(task=task, name=f"{task.name} best", framework="PyTorch",
-                                       label_enumeration={n: i for i, n in enumerate(self.names)})
+        self.model_entry = OutputModel(
+            task=task,
+            name=f"{task.name} best",
+            framework="PyTorch",
+            label_enumeration={n: i for i, n in enumerate(self.names)},
+        )
         self.registered = None
         if not task.is_offline():
             # A rerun in this folder (a requeued job, a restarted group) continues this task.
@@ -129,8 +147,9 @@ class ClearMLTracker:
             report_confusion_matrix(self.clearml, cm, self.trainer.state.epoch)
         summary = self.output_dir / "summary.png"
         if summary.is_file():  # written by train() just before
-            self.clearml.report_image("summary", "summary.png", iteration=self.trainer.state.epoch,
-                                      local_path=str(summary))
+            self.clearml.report_image(
+                "summary", "summary.png", iteration=self.trainer.state.epoch, local_path=str(summary)
+            )
         self.clearml.flush()
         state = self.trainer.state
         unfinished = sys.exc_info()[1] is not None or state.nan_iteration is not None or getattr(state, "preempted", "")

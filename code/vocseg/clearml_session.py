@@ -23,8 +23,8 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import ignite.distributed as idist
 
@@ -41,7 +41,6 @@ PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
 _IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
 _REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
-
 
 
 def say(message: str) -> None:
@@ -67,8 +66,11 @@ def config_constants(config_path) -> dict:
 
     Exactly the assignments py_config_runner's mutations can replace; secret-looking names are left out.
     """
-    return {name: value for name, value in literal_constants(config_path).items()
-            if isinstance(value, (bool, int, float, str)) and not _SECRET_NAME.search(name)}
+    return {
+        name: value
+        for name, value in literal_constants(config_path).items()
+        if isinstance(value, (bool, int, float, str)) and not _SECRET_NAME.search(name)
+    }
 
 
 def _cast(name: str, value, like):
@@ -97,14 +99,18 @@ def config_overrides(original: Mapping, edited: Mapping) -> dict:
     overrides = {}
     for name, value in edited.items():
         if name not in original:
-            raise UserError(f"hyperparameter {SECTION}/{name} is not a constant of the config (known: "
-                            f"{', '.join(sorted(original))}): remove it from the task")
+            raise UserError(
+                f"hyperparameter {SECTION}/{name} is not a constant of the config (known: "
+                f"{', '.join(sorted(original))}): remove it from the task"
+            )
         like = original[name]
         try:
             cast = _cast(name, value, like)
         except (TypeError, ValueError):
-            raise UserError(f"hyperparameter {SECTION}/{name}={value!r} is not a valid {type(like).__name__} "
-                            f"(config value {like!r}): fix it in the task") from None
+            raise UserError(
+                f"hyperparameter {SECTION}/{name}={value!r} is not a valid {type(like).__name__} "
+                f"(config value {like!r}): fix it in the task"
+            ) from None
         if cast != like or type(cast) is not type(like):
             overrides[name] = cast
     return overrides
@@ -127,7 +133,7 @@ def _api_host() -> str:
     return Session.get_api_server_host()
 
 
-def probe_server(host: str, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
+def probe_server(host: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the API server answers at all (any HTTP status), else why not.
 
     ClearML's own first request retries for minutes without a word; this bounds the wait.
@@ -142,7 +148,7 @@ def probe_server(host: str, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
     return None
 
 
-def choose_offline(need_server: Optional[str] = None) -> bool:
+def choose_offline(need_server: str | None = None) -> bool:
     """Decides, says and applies online vs offline (before Task.init). ``need_server`` names what cannot
     work offline (e.g. enqueueing): then an unusable server is a UserError instead of a fallback."""
     from ignite.handlers.clearml_logger import ClearMLLogger
@@ -154,8 +160,10 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
     if os.environ.get("CLEARML_OFFLINE_MODE", "").strip().lower() in ("1", "true", "yes", "on"):
         reason = "CLEARML_OFFLINE_MODE is set"
     elif not _credentials_configured():
-        reason = ("no ClearML server configured (no credentials in ~/clearml.conf, CLEARML_CONFIG_FILE or "
-                  "CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY)")
+        reason = (
+            "no ClearML server configured (no credentials in ~/clearml.conf, CLEARML_CONFIG_FILE or "
+            "CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY)"
+        )
     else:
         host = _api_host()
         problem = probe_server(host)
@@ -164,8 +172,10 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
         else:
             reason = f"ClearML server {host} did not answer a {PROBE_TIMEOUT_S:.0f} s probe ({problem})"
     if offline and need_server:
-        raise UserError(f"{need_server} needs a reachable ClearML server, but {reason}: configure one "
-                        f"(see experiments/clearml/README.md)")
+        raise UserError(
+            f"{need_server} needs a reachable ClearML server, but {reason}: configure one "
+            f"(see experiments/clearml/README.md)"
+        )
     if offline:
         say(f"{reason}: tracking OFFLINE; the session zip and the command to import it are printed at the end")
     # Ignite calls offline mode "bypass" and turns it on whenever CI is set: this decision wins instead.
@@ -176,14 +186,20 @@ def choose_offline(need_server: Optional[str] = None) -> bool:
 def _tune_sdk() -> None:
     from clearml.config import config, config_obj
 
-    config_obj.set_overrides({"sdk": {"development": {
-        # The default subprocess event reporter makes Task.close() wait 7-10 s for its polling loop; a
-        # reporter thread ends at once and costs nothing noticeable per reported value.
-        "report_use_subprocess": False,
-        # Repository detection inside Task.init (well under a second here), so that the entry point set
-        # right after it is not overwritten by a background thread.
-        "vcs_repo_detect_async": False,
-    }}})
+    config_obj.set_overrides(
+        {
+            "sdk": {
+                "development": {
+                    # The default subprocess event reporter makes Task.close() wait 7-10 s for its polling loop; a
+                    # reporter thread ends at once and costs nothing noticeable per reported value.
+                    "report_use_subprocess": False,
+                    # Repository detection inside Task.init (well under a second here), so that the entry point set
+                    # right after it is not overwritten by a background thread.
+                    "vcs_repo_detect_async": False,
+                }
+            }
+        }
+    )
     config.clear_config_impl()
 
 
@@ -191,7 +207,7 @@ def _tune_sdk() -> None:
 # The task.
 
 
-def _entry_point(config_path, script_path, root: Optional[Path] = None) -> dict:
+def _entry_point(config_path, script_path, root: Path | None = None) -> dict:
     """What an agent runs again: ``python -m py_config_runner SCRIPT CONFIG`` from the same folder of its clone
     (the working directory relative to the checkout's root)."""
     cwd = Path.cwd().resolve()
@@ -205,7 +221,7 @@ def _entry_point(config_path, script_path, root: Optional[Path] = None) -> dict:
     return {"entry_point": " ".join(["-m py_config_runner", *args, rel(config_path)]), "working_dir": working_dir}
 
 
-def task_to_continue(output_dir) -> Optional[str]:
+def task_to_continue(output_dir) -> str | None:
     """The task a rerun in ``output_dir`` continues (a requeued SLURM job, a restarted torchrun group, the same
     command again): the one recorded there, if the folder holds a training checkpoint of an unfinished run."""
     recorded = Path(output_dir) / TASK_FILE if output_dir else None
@@ -220,8 +236,13 @@ def task_to_continue(output_dir) -> Optional[str]:
     return recorded.read_text().strip() or None
 
 
-def init_task(config_path, task_type: str = "training", script_path=None, need_server: Optional[str] = None,
-              continue_id: Optional[str] = None):
+def init_task(
+    config_path,
+    task_type: str = "training",
+    script_path=None,
+    need_server: str | None = None,
+    continue_id: str | None = None,
+):
     """Creates this process's ClearML task from a config *path* (the config is not evaluated), or continues
     task ``continue_id`` (online only).
 
@@ -236,7 +257,9 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
     continue_id = None if offline else continue_id
     try:
         task = Task.init(
-            project_name=PROJECT, task_name=Path(config_path).stem, task_type=task_type,
+            project_name=PROJECT,
+            task_name=Path(config_path).stem,
+            task_type=task_type,
             reuse_last_task_id=continue_id or False,
             # 0: report at the iterations given, never shifted past the task's last one (the SDK's default
             # when a task continues, under an agent too); a continued run reports its real iterations.
@@ -246,13 +269,17 @@ def init_task(config_path, task_type: str = "training", script_path=None, need_s
             auto_connect_frameworks={"pytorch": False, "tensorboard": False, "tensorboardx": False},
         )
     except Exception as exc:  # e.g. a server that answers but rejects the credentials
-        raise UserError(f"ClearML could not create the task: {one_line(exc)}: check the server and credentials "
-                        f"(or unset CLEARML_OUTPUT_PATH to train untracked)") from None
+        raise UserError(
+            f"ClearML could not create the task: {one_line(exc)}: check the server and credentials "
+            f"(or unset CLEARML_OUTPUT_PATH to train untracked)"
+        ) from None
     if continue_id and task.id == continue_id:
         say(f"continuing task {task.id}, recorded in the run folder: its curves go on at their own iterations")
     elif continue_id:
-        say(f"task {continue_id}, recorded in the run folder, could not be continued on this server: the run "
-            f"reports to a new task {task.id}")
+        say(
+            f"task {continue_id}, recorded in the run folder, could not be continued on this server: the run "
+            f"reports to a new task {task.id}"
+        )
     if task.running_locally():
         _record_how_to_rerun(task, config_path, script_path)
     # Under an agent this hands back the (possibly edited) text; clone_edits has already applied it.
@@ -273,12 +300,20 @@ def _record_how_to_rerun(task, config_path, script_path) -> None:
     # the script and the config) and the command line that was really run.
     found = find_checkout(Path.cwd())
     if found is None or not found.repository:
-        say(f"{Path.cwd()} is {'not inside a git checkout' if found is None else 'a git checkout without a remote'}"
-            f": the task records no repository, so clones of it cannot be run by an agent")
-    repo = dict(repository=found.repository, branch=found.branch, commit=found.commit, diff=found.diff) \
-        if found else dict(repository="", branch="", commit="", diff="")
-    task.set_script(binary=f"python{sys.version_info.major}.{sys.version_info.minor}", **repo,
-                    **_entry_point(config_path, script_path, found and found.root))
+        say(
+            f"{Path.cwd()} is {'not inside a git checkout' if found is None else 'a git checkout without a remote'}"
+            f": the task records no repository, so clones of it cannot be run by an agent"
+        )
+    repo = (
+        dict(repository=found.repository, branch=found.branch, commit=found.commit, diff=found.diff)
+        if found
+        else dict(repository="", branch="", commit="", diff="")
+    )
+    task.set_script(
+        binary=f"python{sys.version_info.major}.{sys.version_info.minor}",
+        **repo,
+        **_entry_point(config_path, script_path, found and found.root),
+    )
 
 
 def finish(task) -> None:
@@ -292,11 +327,10 @@ def finish(task) -> None:
 def announce_offline_session(folder) -> None:
     archive = Path(f"{folder}.zip")
     script = os.path.relpath(_IMPORT_SCRIPT) if _IMPORT_SCRIPT.exists() else "code/scripts/import_offline_session.py"
-    say(f"offline session: {archive}\n  import it into a ClearML server later with:\n"
-        f"  python {script} {archive}")
+    say(f"offline session: {archive}\n  import it into a ClearML server later with:\n  python {script} {archive}")
 
 
-def requested_queue(config_path) -> Optional[str]:
+def requested_queue(config_path) -> str | None:
     """The queue this run is to be sent to instead of training here (never under an agent)."""
     if running_under_agent():
         return None
@@ -310,8 +344,9 @@ def set_docker(task, config_path) -> None:
     image = os.environ.get("CLEARML_DOCKER_IMAGE") or peek_constant(config_path, "clearml_docker_image")
     if not image:
         return
-    arguments = os.environ.get("CLEARML_DOCKER_ARGUMENTS") or peek_constant(config_path, "clearml_docker_arguments",
-                                                                            default="--ipc=host")
+    arguments = os.environ.get("CLEARML_DOCKER_ARGUMENTS") or peek_constant(
+        config_path, "clearml_docker_arguments", default="--ipc=host"
+    )
     task.set_base_docker(docker_image=str(image), docker_arguments=str(arguments))
     say(f"agents started with --docker run this task in {image} ({arguments})")
 
@@ -322,14 +357,20 @@ def prepare(config_path, script_path, output_dir=None):
     are already in ``config_path`` and the mutations (``clone_edits``, applied before the processes start)."""
     queue = requested_queue(config_path)
     if queue and idist.get_world_size() > 1:
-        raise UserError(f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
-                        "(python -m py_config_runner ...), not with torchrun")
+        raise UserError(
+            f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
+            "(python -m py_config_runner ...), not with torchrun"
+        )
     made = {}
 
     def set_up():  # rank 0's; the task object stays in this process
-        task = made["task"] = init_task(config_path, "training", script_path,
-                                        need_server=queue and f"CLEARML_QUEUE={queue}",
-                                        continue_id=None if queue else task_to_continue(output_dir))
+        task = made["task"] = init_task(
+            config_path,
+            "training",
+            script_path,
+            need_server=queue and f"CLEARML_QUEUE={queue}",
+            continue_id=None if queue else task_to_continue(output_dir),
+        )
         if task.running_locally():
             task.connect(config_constants(config_path), name=SECTION)
             set_docker(task, config_path)
@@ -341,7 +382,7 @@ def prepare(config_path, script_path, output_dir=None):
     return made.get("task")
 
 
-def unusable_server() -> Optional[tuple]:
+def unusable_server() -> tuple | None:
     """None when a ClearML server is configured and answers the short probe; else ``(None, "")`` when none is
     configured, or ``(host, why)`` when it does not answer. Callers word the error for what they needed."""
     if not _credentials_configured():
@@ -356,8 +397,10 @@ def fetch_model_weights(model_id: str) -> str:
     what = f"weights_path {model_id} (a ClearML model id)"
     unusable = unusable_server()
     if unusable and unusable[0] is None:
-        raise UserError(f"{what}: no ClearML server configured to fetch it from: run clearml-init or set "
-                        f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY")
+        raise UserError(
+            f"{what}: no ClearML server configured to fetch it from: run clearml-init or set "
+            f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY"
+        )
     if unusable:
         raise UserError(f"{what}: ClearML server {unusable[0]} did not answer ({unusable[1]})")
     try:

@@ -45,8 +45,10 @@ def _write_edited(text: str, config_path: Path, where: str) -> Path:
     try:
         compile(text, str(config_path), "exec")
     except SyntaxError as exc:
-        raise UserError(f"{where}: the edited configuration object '{CONFIG_OBJECT}' does not parse (line "
-                        f"{exc.lineno}: {exc.msg}): fix its text in the task, or clone the original again") from None
+        raise UserError(
+            f"{where}: the edited configuration object '{CONFIG_OBJECT}' does not parse (line "
+            f"{exc.lineno}: {exc.msg}): fix its text in the task, or clone the original again"
+        ) from None
     # Same file name in a folder of its own: the run and its output folder keep the config's name.
     path = Path(tempfile.mkdtemp(prefix="vocseg-clone-")) / config_path.name
     path.write_text(text)
@@ -63,14 +65,15 @@ def read_clone_edits(task_id: str, config_path) -> CloneEdits:
         text = task.get_configuration_object(CONFIG_OBJECT)
         edited = task.get_parameters_as_dict().get(SECTION, {})
     except Exception as exc:
-        raise UserError(f"task {task_id}: could not read its configuration from the server: {one_line(exc)}") \
-            from None
+        raise UserError(f"task {task_id}: could not read its configuration from the server: {one_line(exc)}") from None
     where = f"task {task_id} ({task.name})"
     result = CloneEdits(config_path)
     if text is not None and text != config_path.read_text():
         result = CloneEdits(_write_edited(text, config_path, where))
-        result.notes.append(f"the configuration object '{CONFIG_OBJECT}' was edited in the task: running its text "
-                            f"({result.config_path}) instead of {config_path}")
+        result.notes.append(
+            f"the configuration object '{CONFIG_OBJECT}' was edited in the task: running its text "
+            f"({result.config_path}) instead of {config_path}"
+        )
     original = config_constants(config_path)
     try:
         mutations = config_overrides(original, edited)
@@ -78,10 +81,14 @@ def read_clone_edits(task_id: str, config_path) -> CloneEdits:
         raise UserError(f"{where}: {exc}") from None
     gone = sorted(set(mutations) - set(literal_constants(result.config_path)))
     if gone:
-        raise UserError(f"{where}: {', '.join(f'{SECTION}/{n}' for n in gone)} edited, but the edited configuration "
-                        f"object no longer defines it: edit the value in the text instead")
+        raise UserError(
+            f"{where}: {', '.join(f'{SECTION}/{n}' for n in gone)} edited, but the edited configuration "
+            f"object no longer defines it: edit the value in the text instead"
+        )
     if mutations:
-        result.notes.append("hyperparameters edited in the task override the config: " + ", ".join(
-            f"{k}={v!r} (was {original[k]!r})" for k, v in sorted(mutations.items())))
+        result.notes.append(
+            "hyperparameters edited in the task override the config: "
+            + ", ".join(f"{k}={v!r} (was {original[k]!r})" for k, v in sorted(mutations.items()))
+        )
     result.mutations = mutations
     return result

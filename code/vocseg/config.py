@@ -4,8 +4,9 @@ that name the file and line. The only module that knows py_config_runner's inter
 import ast
 import os
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional
+from typing import NamedTuple
 
 from py_config_runner import ConfigObject, InferenceConfigSchema, TrainvalConfigSchema
 from pydantic import ValidationError
@@ -17,7 +18,7 @@ class ConfigSource(NamedTuple):
     """What a run was asked to do, known before anything in the config is evaluated."""
 
     config_path: Path
-    script_path: Optional[Path]
+    script_path: Path | None
     mutations: dict
 
 
@@ -30,11 +31,14 @@ def config_source(config: ConfigObject) -> ConfigSource:
     given = config.__dict__["__internal_config_object_data_dict__"]
     mutations = config.__dict__["_mutations"] or {}
     script = given.get("script_filepath")
-    return ConfigSource(Path(given["config_filepath"]), Path(script) if script else None,
-                        {name: ast.literal_eval(node) for name, node in mutations.items()})
+    return ConfigSource(
+        Path(given["config_filepath"]),
+        Path(script) if script else None,
+        {name: ast.literal_eval(node) for name, node in mutations.items()},
+    )
 
 
-def load_config(path, mutations: Optional[Mapping] = None) -> ConfigObject:
+def load_config(path, mutations: Mapping | None = None) -> ConfigObject:
     """Evaluates the config now (py_config_runner is lazy) so that its errors surface here, clearly."""
     path = Path(path)
     if not path.is_file():
@@ -48,7 +52,9 @@ def load_config(path, mutations: Optional[Mapping] = None) -> ConfigObject:
         raise
     except Exception as exc:
         # The innermost frame inside the config file tells the user where to look.
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name in (path.name, "<string>")]
+        frames = [
+            f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name in (path.name, "<string>")
+        ]
         where = f", line {frames[-1].lineno}" if frames else ""
         raise UserError(f"config {path}{where} failed: {type(exc).__name__}: {exc}") from exc
     config["config_filepath"] = path
@@ -100,7 +106,7 @@ def literal_constants(path) -> dict:
     return constants
 
 
-def peek_constant(path, name: str, mutations: Optional[Mapping] = None, default=None):
+def peek_constant(path, name: str, mutations: Mapping | None = None, default=None):
     """A top-level constant of a config, read without running it (the seed must be set before the
     config builds its model)."""
     if mutations and name in mutations:
@@ -143,13 +149,17 @@ RUN_CONTROLS = {
     "sync_bn": (_one_of(True, False), "True or False"),
     "cudnn_benchmark": (_one_of(True, False), "True or False"),
     "channels_last": (_one_of(True, False), "True or False"),
-    "compile_model": (lambda v: _one_of(True, False)(v) or isinstance(v, dict),
-                      "True, False or a dict of torch.compile keywords"),
+    "compile_model": (
+        lambda v: _one_of(True, False)(v) or isinstance(v, dict),
+        "True, False or a dict of torch.compile keywords",
+    ),
     "dist_timeout": (_optional(_positive_number), "None or a number of seconds > 0"),
     "tta_flip": (_one_of(True, False), "True or False"),
     "save_predictions": (_one_of(True, False), "True or False"),
-    "tta_scales": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_number, v)),
-                   "a non-empty tuple of numbers > 0, e.g. (1.0,)"),
+    "tta_scales": (
+        lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_number, v)),
+        "a non-empty tuple of numbers > 0, e.g. (1.0,)",
+    ),
 }
 
 
@@ -160,7 +170,7 @@ def check_run_controls(values: Mapping, path) -> None:
             raise UserError(f"config {path}: {key} = {values[key]!r} is not allowed: set {key} to {description}")
 
 
-def check_constants(path, mutations: Optional[Mapping] = None) -> None:
+def check_constants(path, mutations: Mapping | None = None) -> None:
     """The run controls written as literals in the config file (or given as mutations), before it runs."""
     check_run_controls({**literal_constants(path), **(mutations or {})}, path)
 
@@ -178,5 +188,7 @@ def check_seed(config: ConfigObject, peeked) -> None:
     except (TypeError, ValueError):
         same = False
     if not same:
-        raise UserError(f"config {config['config_filepath']}: seed is read before the config runs and gave "
-                        f"{peeked!r}, but the config sets {actual!r}: write it as a literal, e.g. seed = 12")
+        raise UserError(
+            f"config {config['config_filepath']}: seed is read before the config runs and gave "
+            f"{peeked!r}, but the config sets {actual!r}: write it as a literal, e.g. seed = 12"
+        )

@@ -7,14 +7,13 @@ which worker handles which batch, nor a restart in the middle of an epoch, chang
 """
 
 import random
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import cv2
+import ignite.distributed as idist
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-import ignite.distributed as idist
 
 from vocseg import transforms as T
 from vocseg.datasets import VOCSBDTrain, VOCSegmentation
@@ -101,8 +100,7 @@ class SeededShuffleSampler(Sampler):
         mine = slice(self.rank, self.total_size, self.num_replicas)
         order, seeds = order[mine], seeds[mine]
         start = self.skip_batches * self.batch_size
-        for index, seed in zip(order[start:].tolist(), seeds[start:].tolist()):
-            yield index, seed
+        yield from zip(order[start:].tolist(), seeds[start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples - self.skip_batches * self.batch_size
@@ -116,7 +114,7 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _subset(dataset, limit: Optional[int]):
+def _subset(dataset, limit: int | None):
     if limit is None or limit >= len(dataset):
         return dataset
     return torch.utils.data.Subset(dataset, list(range(limit)))
@@ -134,14 +132,14 @@ def get_dataloaders(
     sbd_root=None,
     *,
     batch_size: int,
-    val_batch_size: Optional[int] = None,
+    val_batch_size: int | None = None,
     num_workers: int = 4,
     crop_size: int = 480,
     seed: int = 12,
     train_eval_num_samples: int = 1000,
-    limit_train_num_samples: Optional[int] = None,
-    limit_val_num_samples: Optional[int] = None,
-    pin_memory: Optional[bool] = None,
+    limit_train_num_samples: int | None = None,
+    limit_val_num_samples: int | None = None,
+    pin_memory: bool | None = None,
 ):
     """Returns ``(train_loader, val_loader, train_eval_loader)``.
 
@@ -173,7 +171,7 @@ def get_dataloaders(
     return train_loader, val_loader, train_eval_loader
 
 
-def _loader_settings(num_workers: int, pin_memory: Optional[bool]) -> dict:
+def _loader_settings(num_workers: int, pin_memory: bool | None) -> dict:
     """DataLoader keywords every loader here shares, per process.
 
     ``num_workers`` is per node: the processes of a node split it (rounded up), as ignite's auto_dataloader does.
@@ -183,8 +181,9 @@ def _loader_settings(num_workers: int, pin_memory: Optional[bool]) -> dict:
         num_workers = (num_workers + nproc - 1) // nproc
     if pin_memory is None:
         pin_memory = "cuda" in idist.device().type
-    return dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                worker_init_fn=seed_worker)
+    return dict(
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=seed_worker
+    )
 
 
 def per_process_batch(total: int, name: str) -> int:
@@ -192,8 +191,10 @@ def per_process_batch(total: int, name: str) -> int:
     world_size = idist.get_world_size()
     if total < world_size or total % world_size:
         lower, upper = max(world_size, total // world_size * world_size), (total // world_size + 1) * world_size
-        raise UserError(f"{name}={total} is the total over all processes and does not divide by the {world_size} "
-                        f"processes: set it to a multiple of {world_size} (e.g. {lower} or {upper})")
+        raise UserError(
+            f"{name}={total} is the total over all processes and does not divide by the {world_size} "
+            f"processes: set it to a multiple of {world_size} (e.g. {lower} or {upper})"
+        )
     return total // world_size
 
 
@@ -201,8 +202,13 @@ def _full_resolution_loader(raw, indices, batch_size: int, settings: dict, name:
     """Unaugmented images at their own size (batches of one size, no padding), each of ``indices`` scored
     exactly once across processes. ``batch_size`` is the total over all processes, like the training one."""
     indices = list(indices)
-    batches = SizeGroupedBatches(indices, image_sizes(raw, indices), per_process_batch(batch_size, name),
-                                 idist.get_world_size(), idist.get_rank())
+    batches = SizeGroupedBatches(
+        indices,
+        image_sizes(raw, indices),
+        per_process_batch(batch_size, name),
+        idist.get_world_size(),
+        idist.get_rank(),
+    )
     return DataLoader(SegmentationSamples(raw), batch_sampler=batches, **settings)
 
 
@@ -211,10 +217,18 @@ def images_scored(loader) -> int:
     return getattr(loader.batch_sampler, "num_images", len(loader.dataset))
 
 
-def get_val_loader(voc_root, *, batch_size: int = 4, num_workers: int = 4, image_set: str = "val",
-                   limit_num_samples: Optional[int] = None, pin_memory: Optional[bool] = None):
+def get_val_loader(
+    voc_root,
+    *,
+    batch_size: int = 4,
+    num_workers: int = 4,
+    image_set: str = "val",
+    limit_num_samples: int | None = None,
+    pin_memory: bool | None = None,
+):
     """Full-resolution VOC images at their own size, each exactly once across processes; ``batch_size`` is the
     total over all processes."""
     raw = _subset(VOCSegmentation(voc_root, image_set), limit_num_samples)
-    return _full_resolution_loader(raw, range(len(raw)), batch_size, _loader_settings(num_workers, pin_memory),
-                                   "batch_size")
+    return _full_resolution_loader(
+        raw, range(len(raw)), batch_size, _loader_settings(num_workers, pin_memory), "batch_size"
+    )

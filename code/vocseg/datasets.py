@@ -16,7 +16,10 @@ from torch.utils.data import Dataset
 from vocseg.errors import UserError
 from vocseg.voc import IGNORE_INDEX, NUM_CLASSES, read_mask
 
-VOC_HINT = "export DATASET_PATH=/path/that/contains/VOCdevkit (or create it with code/scripts/download_dataset.py or code/scripts/make_synthetic_voc.py)"
+VOC_HINT = (
+    "export DATASET_PATH=/path/that/contains/VOCdevkit "
+    "(or create it with code/scripts/download_dataset.py or code/scripts/make_synthetic_voc.py)"
+)
 SBD_HINT = "set SBD_DATASET_PATH to the folder with cls/ img/ train.txt"
 
 
@@ -121,7 +124,9 @@ def read_sbd_mask(path) -> np.ndarray:
     try:
         mask = scipy.io.loadmat(str(path))["GTcls"]["Segmentation"][0, 0]
     except Exception as exc:  # scipy reports corrupt files with many exception types
-        raise UserError(f"cannot read SBD mask {path} ({type(exc).__name__}: {exc}); it needs GTcls.Segmentation") from None
+        raise UserError(
+            f"cannot read SBD mask {path} ({type(exc).__name__}: {exc}); it needs GTcls.Segmentation"
+        ) from None
     if mask.ndim != 2:
         raise UserError(f"SBD mask {path} has shape {mask.shape}; GTcls.Segmentation must be 2-D")
     return mask
@@ -134,7 +139,9 @@ def check_mask_values(mask: np.ndarray, path) -> np.ndarray:
     bad = np.unique(mask[invalid]) if invalid.any() else invalid[:0]
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:10].tolist())
-        raise UserError(f"mask {path} has values {shown} outside 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}; fix or drop it")
+        raise UserError(
+            f"mask {path} has values {shown} outside 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}; fix or drop it"
+        )
     return mask.astype(np.uint8, copy=False)
 
 
@@ -218,7 +225,9 @@ class SBDSegmentation(_SegmentationFiles):
 def check_disjoint(ids, val_ids, val_file) -> None:
     leaked = sorted(set(ids) & set(val_ids))
     if leaked:
-        raise UserError(f"{len(leaked)} ids of {val_file} (e.g. {leaked[0]}) ended up in the training set; report this bug")
+        raise UserError(
+            f"{len(leaked)} ids of {val_file} (e.g. {leaked[0]}) ended up in the training set; report this bug"
+        )
 
 
 class VOCSBDTrain(_SegmentationFiles):

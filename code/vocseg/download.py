@@ -61,8 +61,9 @@ class Archive:
         parsed = urllib.parse.urlparse(self.url)
         name = posixpath.basename(parsed.path)
         if parsed.scheme not in ("http", "https") or not name:
-            raise UserError(f"{self.option}-url {self.url!r} is not an http(s) URL ending in a file name; "
-                            f"pass the archive's URL")
+            raise UserError(
+                f"{self.option}-url {self.url!r} is not an http(s) URL ending in a file name; pass the archive's URL"
+            )
         return name
 
 
@@ -114,10 +115,19 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
             start = 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
-        with open(part, "ab" if start else "wb") as f, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=part.name[: -len(".part")], disable=not progress, leave=False,
-        ) as bar:
+        with (
+            open(part, "ab" if start else "wb") as f,
+            tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name[: -len(".part")],
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             while block := response.read(CHUNK):
                 f.write(block)
                 bar.update(len(block))
@@ -125,8 +135,15 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
         raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes")
 
 
-def fetch(url: str, dest: Path, *, timeout: float = TIMEOUT_S, retries: int = RETRIES, progress: bool = True,
-          hint: str = "check the URL") -> Path:
+def fetch(
+    url: str,
+    dest: Path,
+    *,
+    timeout: float = TIMEOUT_S,
+    retries: int = RETRIES,
+    progress: bool = True,
+    hint: str = "check the URL",
+) -> Path:
     """Download `url` to `dest` through `dest.part`, resuming a partial .part; no checksum here."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +159,7 @@ def fetch(url: str, dest: Path, *, timeout: float = TIMEOUT_S, retries: int = RE
             problem = str(getattr(exc, "reason", exc)) or type(exc).__name__
             if attempt == retries:
                 resume = f"rerun to resume from {part}" if part.exists() else "check the network and rerun"
-                raise UserError(
-                    f"{url}: download failed after {retries + 1} attempts ({problem}); {resume}") from None
+                raise UserError(f"{url}: download failed after {retries + 1} attempts ({problem}); {resume}") from None
         say(f"{dest.name}: {problem}; retrying ({attempt + 1}/{retries})")
         time.sleep(RETRY_DELAY_S * (attempt + 1))
     os.replace(part, dest)
@@ -157,7 +173,8 @@ def _check_md5(path: Path, archive: Archive) -> None:
         # gigabytes to find that out would be worse than asking.
         raise UserError(
             f"{path}: md5 is {actual}, expected {archive.md5}; nothing was extracted and the file was kept: "
-            f"delete it to download again, or pass {archive.option}-md5 {actual} if you trust it")
+            f"delete it to download again, or pass {archive.option}-md5 {actual} if you trust it"
+        )
 
 
 def _check_members(tar: tarfile.TarFile, label: str) -> None:
@@ -178,8 +195,10 @@ def _check_members(tar: tarfile.TarFile, label: str) -> None:
         elif not (member.isfile() or member.isdir()):
             problem = "is a device or FIFO"
         if problem:
-            raise UserError(f"{label}: member {name!r} {problem}; refusing to extract anything from this archive, "
-                            f"check where it came from")
+            raise UserError(
+                f"{label}: member {name!r} {problem}; refusing to extract anything from this archive, "
+                f"check where it came from"
+            )
 
 
 def _merge_move(src: Path, dst: Path) -> None:
@@ -223,20 +242,22 @@ def extract(path: Path, archive: Archive, out: Path) -> None:
     except tarfile.ReadError:
         raise UserError(f"{path}: is not a tar archive; delete it and check {archive.option}-url") from None
     except tarfile.TarError as exc:
-        raise UserError(f"{path}: refused during extraction ({' '.join(str(exc).split())}); "
-                        f"check where it came from") from None
+        raise UserError(
+            f"{path}: refused during extraction ({' '.join(str(exc).split())}); check where it came from"
+        ) from None
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
 
 
-def install(archive: Archive, out: Path, *, timeout: float = TIMEOUT_S, retries: int = RETRIES,
-            progress: bool = True) -> None:
+def install(
+    archive: Archive, out: Path, *, timeout: float = TIMEOUT_S, retries: int = RETRIES, progress: bool = True
+) -> None:
     """Make sure OUT/`archive.into` holds the contents of a verified copy of `archive`."""
     downloads = out / "downloads"
     path = downloads / archive.name
     marker = downloads / f"{archive.name}.extracted"
-    done = (marker.is_file() and marker.read_text().strip() == archive.md5 and (out / archive.into).is_dir())
+    done = marker.is_file() and marker.read_text().strip() == archive.md5 and (out / archive.into).is_dir()
 
     if path.exists():
         say(f"{path.name}: already downloaded, checking md5")
@@ -246,8 +267,9 @@ def install(archive: Archive, out: Path, *, timeout: float = TIMEOUT_S, retries:
         return
     else:
         say(f"{path.name}: downloading {archive.url}")
-        fetch(archive.url, path, timeout=timeout, retries=retries, progress=progress,
-              hint=f"check {archive.option}-url")
+        fetch(
+            archive.url, path, timeout=timeout, retries=retries, progress=progress, hint=f"check {archive.option}-url"
+        )
         _check_md5(path, archive)
 
     if done:
@@ -278,28 +300,39 @@ def write_train_noval(out: Path, url: str, *, timeout: float = TIMEOUT_S) -> Non
         sbd_train = out / "SBD" / "train.txt"
         for need in (voc_val, sbd_train):
             if not need.is_file():
-                raise UserError(f"cannot fetch {url} ({exc}) and cannot derive train_noval.txt without {need}; "
-                                f"check the archive URLs, or pass a reachable --sbd-train-noval-url") from None
+                raise UserError(
+                    f"cannot fetch {url} ({exc}) and cannot derive train_noval.txt without {need}; "
+                    f"check the archive URLs, or pass a reachable --sbd-train-noval-url"
+                ) from None
         val = set(_ids(voc_val))
         ids = [i for i in _ids(sbd_train) if i not in val]
         text = "".join(f"{i}\n" for i in ids)
-        say(f"train_noval.txt: could not fetch {url} ({exc}); derived it as SBD train minus VOC2012 val "
-            f"({len(ids)} ids)")
+        say(
+            f"train_noval.txt: could not fetch {url} ({exc}); derived it as SBD train minus VOC2012 val "
+            f"({len(ids)} ids)"
+        )
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, dest)
 
 
-def prepare(out: Path, voc: Archive, sbd: Archive | None, train_noval_url: str = TRAIN_NOVAL_URL, *,
-            timeout: float = TIMEOUT_S, retries: int = RETRIES, progress: bool = True) -> dict[str, str]:
+def prepare(
+    out: Path,
+    voc: Archive,
+    sbd: Archive | None,
+    train_noval_url: str = TRAIN_NOVAL_URL,
+    *,
+    timeout: float = TIMEOUT_S,
+    retries: int = RETRIES,
+    progress: bool = True,
+) -> dict[str, str]:
     """Download and unpack everything; returns the environment variables the training code reads."""
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; pass a directory as OUT")
     for archive in (voc, sbd):
         if archive is not None and not re.fullmatch(r"[0-9a-f]{32}", archive.md5):
-            raise UserError(
-                f"{archive.option}-md5 {archive.md5!r} is not a 32-digit hex md5; pass the archive's md5")
+            raise UserError(f"{archive.option}-md5 {archive.md5!r} is not a 32-digit hex md5; pass the archive's md5")
     install(voc, out, timeout=timeout, retries=retries, progress=progress)
     env = {"DATASET_PATH": str(out)}
     if sbd is not None:
@@ -317,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voc-md5", default=VOC_MD5)
     p.add_argument("--sbd-url", default=SBD_URL)
     p.add_argument("--sbd-md5", default=SBD_MD5)
-    p.add_argument("--sbd-train-noval-url", default=TRAIN_NOVAL_URL,
-                   help="if unreachable, train_noval.txt is derived as SBD train minus VOC2012 val")
+    p.add_argument(
+        "--sbd-train-noval-url",
+        default=TRAIN_NOVAL_URL,
+        help="if unreachable, train_noval.txt is derived as SBD train minus VOC2012 val",
+    )
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="socket timeout in seconds")
     p.add_argument("--retries", type=int, default=RETRIES, help="retries per download on connection errors")
     return p
@@ -327,11 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     voc = Archive(args.voc_url, args.voc_md5.strip().lower(), "--voc", "VOCdevkit/VOC2012", "VOCdevkit/VOC2012")
-    sbd = None if args.no_sbd else Archive(
-        args.sbd_url, args.sbd_md5.strip().lower(), "--sbd", "benchmark_RELEASE/dataset", "SBD")
+    sbd = (
+        None
+        if args.no_sbd
+        else Archive(args.sbd_url, args.sbd_md5.strip().lower(), "--sbd", "benchmark_RELEASE/dataset", "SBD")
+    )
     try:
-        env = prepare(args.out, voc, sbd, args.sbd_train_noval_url, timeout=args.timeout,
-                      retries=max(0, args.retries), progress=sys.stderr.isatty())
+        env = prepare(
+            args.out,
+            voc,
+            sbd,
+            args.sbd_train_noval_url,
+            timeout=args.timeout,
+            retries=max(0, args.retries),
+            progress=sys.stderr.isatty(),
+        )
     except UserError as exc:
         exit_with(exc)
     say("done; set these before training:")

@@ -1,8 +1,8 @@
 """Ignite engines: the training step (AMP, accumulation, per-step LR) and the evaluators."""
 
 import functools
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Sequence
 
 import ignite.distributed as idist
 import torch
@@ -14,7 +14,7 @@ from vocseg.metrics import segmentation_metrics
 from vocseg.transforms import MEAN, STD
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mean_std(device: torch.device):
     # Built once per device: on a GPU each fresh tensor would be another host-to-device copy per batch.
     return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
@@ -43,9 +43,21 @@ def iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
 NO_NONFINITE = 2**62  # the on-device record's "no non-finite loss so far"
 
 
-def create_trainer(model, optimizer, criterion, lr_scheduler, train_sampler, *, device, seed: int,
-                   amp_dtype=None, accumulation_steps: int = 1, channels_last: bool = False,
-                   compile_model=False, check_every: Sequence[int] = ()) -> Engine:
+def create_trainer(
+    model,
+    optimizer,
+    criterion,
+    lr_scheduler,
+    train_sampler,
+    *,
+    device,
+    seed: int,
+    amp_dtype=None,
+    accumulation_steps: int = 1,
+    channels_last: bool = False,
+    compile_model=False,
+    check_every: Sequence[int] = (),
+) -> Engine:
     """The training step. ``amp_dtype`` comes from vocseg.precision; ``compile_model`` (True or torch.compile
     keywords) compiles the training forward only; ``check_every``: the iteration periods (logging, checkpoints)
     at which a non-finite loss is looked for, before anything registered later runs."""
@@ -103,8 +115,9 @@ def create_trainer(model, optimizer, criterion, lr_scheduler, train_sampler, *, 
 def _record_nonfinite(state, loss: torch.Tensor, iteration: int) -> None:
     # On the device: the step never waits for the GPU; the record is read at the check boundaries only.
     first = state.first_nonfinite
-    state.first_nonfinite = torch.where(~torch.isfinite(loss) & (first == NO_NONFINITE),
-                                        torch.full_like(first, iteration), first)
+    state.first_nonfinite = torch.where(
+        ~torch.isfinite(loss) & (first == NO_NONFINITE), torch.full_like(first, iteration), first
+    )
 
 
 def _attach_nonfinite_check(trainer: Engine, check_every: Sequence[int]) -> None:
@@ -154,8 +167,16 @@ def predict(model, images: torch.Tensor, flip: bool = False, scales: Sequence[fl
     return total / (len(scales) * (2 if flip else 1))
 
 
-def create_evaluator(model, *, device, amp_dtype=None, flip: bool = False, scales: Sequence[float] = (1.0,),
-                     num_classes: int = 21, channels_last: bool = False) -> Engine:
+def create_evaluator(
+    model,
+    *,
+    device,
+    amp_dtype=None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    num_classes: int = 21,
+    channels_last: bool = False,
+) -> Engine:
     # Shards of unequal length must not meet a collective inside DDP's forward: evaluate the bare module.
     net = getattr(model, "module", model)
 

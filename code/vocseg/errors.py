@@ -28,14 +28,14 @@ def one_line_text(text: str) -> str:
     last = lines[-1] if lines else ""
     for prefix in ("vocseg.errors.UserError: ", "UserError: "):
         if last.startswith(prefix):
-            return last[len(prefix):]
+            return last[len(prefix) :]
     return last
 
 
 def one_line(exc: BaseException) -> str:
     text = one_line_text(str(exc))
     prefix = f"{type(exc).__name__}: "
-    text = text[len(prefix):] if text.startswith(prefix) else text
+    text = text[len(prefix) :] if text.startswith(prefix) else text
     return text or type(exc).__name__
 
 

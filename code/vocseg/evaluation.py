@@ -62,11 +62,24 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
     # Scores are reported in full precision unless the config asks for amp.
     amp_dtype = precision.amp_dtype(config.get("amp", "off"), device, where=f"config {config_path}")
-    evaluator = create_evaluator(model, device=device, amp_dtype=amp_dtype, flip=flip, scales=scales,
-                                 num_classes=int(config.get("num_classes", 21)))
-    logger.info("evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
-                config.weights_path, len(config.data_loader.dataset), device, precision.describe(amp_dtype), flip,
-                scales, output_dir)
+    evaluator = create_evaluator(
+        model,
+        device=device,
+        amp_dtype=amp_dtype,
+        flip=flip,
+        scales=scales,
+        num_classes=int(config.get("num_classes", 21)),
+    )
+    logger.info(
+        "evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
+        config.weights_path,
+        len(config.data_loader.dataset),
+        device,
+        precision.describe(amp_dtype),
+        flip,
+        scales,
+        output_dir,
+    )
 
     if config.get("save_predictions", False):
         folder = output_dir / "predictions"
@@ -76,8 +89,12 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     evaluator.run(config.data_loader)
     metrics = scalar_metrics(evaluator.state.metrics)
     per_class = {name: float(v) for name, v in zip(VOC_CLASSES, evaluator.state.metrics["IoU"])}
-    result = {"val": {**metrics, "IoU": per_class}, "weights_path": str(config.weights_path),
-              "tta": {"flip": flip, "scales": list(scales)}, "output_dir": str(output_dir)}
+    result = {
+        "val": {**metrics, "IoU": per_class},
+        "weights_path": str(config.weights_path),
+        "tta": {"flip": flip, "scales": list(scales)},
+        "output_dir": str(output_dir),
+    }
     if idist.get_rank() == 0:
         outputs.write_json(output_dir / "metrics.json", result)
         if tracker_factory:

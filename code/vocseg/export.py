@@ -52,9 +52,18 @@ def export_torchscript(net: PixelsToLogits, path: Path) -> Path:
 def export_onnx(net: PixelsToLogits, path: Path, opset: int = ONNX_OPSET) -> Path:
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     # The dynamo exporter (via onnxscript) is torch 2.14's default; one self-contained file is easiest to ship.
-    torch.onnx.export(net, (example_input(),), str(path), dynamo=True, opset_version=opset, external_data=False,
-                      input_names=["image"], output_names=["logits"], dynamic_shapes={"images": dims},
-                      verbose=False)
+    torch.onnx.export(
+        net,
+        (example_input(),),
+        str(path),
+        dynamo=True,
+        opset_version=opset,
+        external_data=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes={"images": dims},
+        verbose=False,
+    )
     return path
 
 
@@ -80,15 +89,25 @@ def compare(net: PixelsToLogits, runner, images: dict) -> list[dict]:
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
         expected, got = net(x), runner(x)
         if got.shape != expected.shape:
-            raise UserError(f"export returned shape {tuple(got.shape)} for a {tuple(x.shape)} input, "
-                            f"PyTorch {tuple(expected.shape)}")
-        rows.append({"image": name, "size": list(image.shape[:2]), "max_abs_diff": float((got - expected).abs().max()),
-                     "argmax_agreement": float((got.argmax(1) == expected.argmax(1)).double().mean())})
+            raise UserError(
+                f"export returned shape {tuple(got.shape)} for a {tuple(x.shape)} input, "
+                f"PyTorch {tuple(expected.shape)}"
+            )
+        rows.append(
+            {
+                "image": name,
+                "size": list(image.shape[:2]),
+                "max_abs_diff": float((got - expected).abs().max()),
+                "argmax_agreement": float((got.argmax(1) == expected.argmax(1)).double().mean()),
+            }
+        )
     return rows
 
 
 def check_agreement(name: str, rows: list[dict]) -> None:
     worst = min(rows, key=lambda r: r["argmax_agreement"])
     if worst["argmax_agreement"] <= MIN_ARGMAX_AGREEMENT:
-        raise UserError(f"{name} export disagrees with PyTorch on {worst['image']}: "
-                        f"argmax agreement {worst['argmax_agreement']:.5f} <= {MIN_ARGMAX_AGREEMENT}; do not use it")
+        raise UserError(
+            f"{name} export disagrees with PyTorch on {worst['image']}: "
+            f"argmax agreement {worst['argmax_agreement']:.5f} <= {MIN_ARGMAX_AGREEMENT}; do not use it"
+        )

@@ -12,8 +12,9 @@ import ast
 import math
 import re
 import runpy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 from vocseg.clearml_session import PROJECT, SECTION
 from vocseg.errors import UserError, one_line
@@ -47,8 +48,11 @@ def parse_range(name: str, spec, where: str) -> Range:
         return Range(name, "choice", tuple(_literal(v) for v in rest.split(",")))
     numbers = [_literal(v) for v in rest.split(":")] if rest else []
     usage = {"loguniform": "loguniform:MIN:MAX", "uniform": "uniform:MIN:MAX[:STEP]", "int": "int:MIN:MAX[:STEP]"}
-    if kind not in usage or not 2 <= len(numbers) <= (2 if kind == "loguniform" else 3) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+    if (
+        kind not in usage
+        or not 2 <= len(numbers) <= (2 if kind == "loguniform" else 3)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+    ):
         raise UserError(f"{where}: range {name}={spec!r} is not one of {', '.join(usage.values())}, choice:A,B,...")
     if kind == "int" and not all(isinstance(v, int) for v in numbers):
         raise UserError(f"{where}: range {name}={spec!r} needs whole numbers; use uniform: for fractions")
@@ -95,16 +99,24 @@ def check_ranges(ranges, base_params: Mapping, base_name: str, strategy: str) ->
     """Every range names a Config constant of the base task and yields values of that constant's type."""
     for r in ranges:
         if r.name not in base_params:
-            raise UserError(f"parameter {r.name} is not a {SECTION}/ hyperparameter of base task {base_name} "
-                            f"(it has: {', '.join(sorted(base_params))})")
+            raise UserError(
+                f"parameter {r.name} is not a {SECTION}/ hyperparameter of base task {base_name} "
+                f"(it has: {', '.join(sorted(base_params))})"
+            )
         like = _type_of(base_params[r.name])
-        fits = {"loguniform": like is float, "uniform": like is float, "int": like in (int, float),
-                "choice": all(_fits(v, like) for v in r.values)}[r.kind]
+        fits = {
+            "loguniform": like is float,
+            "uniform": like is float,
+            "int": like in (int, float),
+            "choice": all(_fits(v, like) for v in r.values),
+        }[r.kind]
         if not fits:
             article = "an" if like is int else "a"
-            raise UserError(f"range {r.name} ({r.kind} {list(r.values)}) gives values that are not {article} "
-                            f"{like.__name__}, the type of {SECTION}/{r.name}={base_params[r.name]} in the base task: "
-                            f"{'use int:MIN:MAX or choice:' if like is int else 'use choice: with such values'}")
+            raise UserError(
+                f"range {r.name} ({r.kind} {list(r.values)}) gives values that are not {article} "
+                f"{like.__name__}, the type of {SECTION}/{r.name}={base_params[r.name]} in the base task: "
+                f"{'use int:MIN:MAX or choice:' if like is int else 'use choice: with such values'}"
+            )
         if strategy == "grid" and r.kind in ("loguniform", "uniform") and len(r.values) < 3:
             raise UserError(f"range {r.name}: grid search needs a step (uniform:MIN:MAX:STEP) or a choice")
 
@@ -118,8 +130,12 @@ def _fits(value, like: type) -> bool:
 
 
 def clearml_parameters(ranges) -> list:
-    from clearml.automation import (DiscreteParameterRange, LogUniformParameterRange, UniformIntegerParameterRange,
-                                    UniformParameterRange)
+    from clearml.automation import (
+        DiscreteParameterRange,
+        LogUniformParameterRange,
+        UniformIntegerParameterRange,
+        UniformParameterRange,
+    )
 
     made = []
     for r in ranges:
@@ -146,12 +162,20 @@ def find_base_task(ref: str):
             return Task.get_task(task_id=ref)
         except Exception as exc:
             raise UserError(f"base task {ref}: no such task on the server ({one_line(exc)})") from None
-    tasks = [t for t in Task.get_tasks(project_name=PROJECT, task_name=f"^{re.escape(ref)}$",
-                                       task_filter={"status": ["completed"], "order_by": ["-last_update"],
-                                                    "type": ["training"]}) if t.name == ref]
+    tasks = [
+        t
+        for t in Task.get_tasks(
+            project_name=PROJECT,
+            task_name=f"^{re.escape(ref)}$",
+            task_filter={"status": ["completed"], "order_by": ["-last_update"], "type": ["training"]},
+        )
+        if t.name == ref
+    ]
     if not tasks:
-        raise UserError(f"base task {ref}: no completed training task of that name in project {PROJECT!r}: train the "
-                        f"config once with CLEARML_OUTPUT_PATH set, or pass a task id")
+        raise UserError(
+            f"base task {ref}: no completed training task of that name in project {PROJECT!r}: train the "
+            f"config once with CLEARML_OUTPUT_PATH set, or pass a task id"
+        )
     return tasks[0]
 
 
@@ -161,8 +185,10 @@ def check_queue(queue: str) -> None:
     if not queue.strip():
         raise UserError("--queue is empty: name the queue a clearml-agent serves")
     if not [q for q in APIClient().queues.get_all(name=f"^{queue}$") if q.name == queue]:
-        raise UserError(f"--queue {queue}: no such queue on the server: start an agent with "
-                        f"clearml-agent daemon --queue {queue} --create-queue")
+        raise UserError(
+            f"--queue {queue}: no such queue on the server: start an agent with "
+            f"clearml-agent daemon --queue {queue} --create-queue"
+        )
 
 
 class Budget(NamedTuple):
@@ -177,12 +203,12 @@ def _say(message: str) -> None:
 
 
 def _trial_done(job_id, objective_value, objective_iteration, job_parameters, top_performance_job_id) -> None:
-    edited = ", ".join(f"{k.split('/', 1)[-1]}={v}" for k, v in sorted(job_parameters.items())
-                       if k.startswith(f"{SECTION}/"))
+    edited = ", ".join(
+        f"{k.split('/', 1)[-1]}={v}" for k, v in sorted(job_parameters.items()) if k.startswith(f"{SECTION}/")
+    )
     # ClearML hands a list (one value per objective) to this callback.
     value = objective_value[0] if isinstance(objective_value, (list, tuple)) else objective_value
-    _say(f"trial {job_id} completed: val mIoU {value:.4f} with {edited} "
-         f"(best so far: {top_performance_job_id})")
+    _say(f"trial {job_id} completed: val mIoU {value:.4f} with {edited} (best so far: {top_performance_job_id})")
 
 
 def _best(optimizer, parameters) -> dict | None:
@@ -191,8 +217,11 @@ def _best(optimizer, parameters) -> dict | None:
         return None
     (value,) = [m["value"] for m in top[0]["metrics"].values() if (m["metric"], m["variant"]) == OBJECTIVE]
     wanted = {p.name for p in parameters}
-    return {"task_id": top[0]["task_id"], "val_mIoU": value,
-            "parameters": {k.split("/", 1)[1]: v for k, v in top[0]["hyper_parameters"].items() if k in wanted}}
+    return {
+        "task_id": top[0]["task_id"],
+        "val_mIoU": value,
+        "parameters": {k.split("/", 1)[1]: v for k, v in top[0]["hyper_parameters"].items() if k in wanted},
+    }
 
 
 def search(base_ref: str, ranges, queue: str, strategy: str, budget: Budget) -> dict:
@@ -210,25 +239,44 @@ def search(base_ref: str, ranges, queue: str, strategy: str, budget: Budget) -> 
     check_ranges(ranges, base.get_parameters_as_dict().get(SECTION, {}), f"{base.name} ({base.id})", strategy)
     check_queue(queue)
     _tune_sdk()
-    task = Task.init(project_name=PROJECT, task_name=f"HPO {base.name}", task_type=Task.TaskTypes.optimizer,
-                     reuse_last_task_id=False, auto_connect_frameworks=False)
+    task = Task.init(
+        project_name=PROJECT,
+        task_name=f"HPO {base.name}",
+        task_type=Task.TaskTypes.optimizer,
+        reuse_last_task_id=False,
+        auto_connect_frameworks=False,
+    )
     parameters = clearml_parameters(ranges)
     optimizer = HyperParameterOptimizer(
-        base_task_id=base.id, hyper_parameters=parameters, objective_metric_title=OBJECTIVE[0],
-        objective_metric_series=OBJECTIVE[1], objective_metric_sign="max",
-        optimizer_class={"random": RandomSearch, "grid": GridSearch}[strategy], execution_queue=queue,
-        max_number_of_concurrent_tasks=budget.concurrent, total_max_jobs=budget.trials,
-        optimization_time_limit=budget.time_limit_min, pool_period_min=budget.poll_s / 60, auto_connect_task=task)
+        base_task_id=base.id,
+        hyper_parameters=parameters,
+        objective_metric_title=OBJECTIVE[0],
+        objective_metric_series=OBJECTIVE[1],
+        objective_metric_sign="max",
+        optimizer_class={"random": RandomSearch, "grid": GridSearch}[strategy],
+        execution_queue=queue,
+        max_number_of_concurrent_tasks=budget.concurrent,
+        total_max_jobs=budget.trials,
+        optimization_time_limit=budget.time_limit_min,
+        pool_period_min=budget.poll_s / 60,
+        auto_connect_task=task,
+    )
     optimizer.set_report_period(budget.poll_s / 60)
-    _say(f"optimiser task {task.id}: {budget.trials} trials of base task {base.name} ({base.id}), "
-         f"{budget.concurrent} at a time, {strategy} search, queue {queue!r}")
+    _say(
+        f"optimiser task {task.id}: {budget.trials} trials of base task {base.name} ({base.id}), "
+        f"{budget.concurrent} at a time, {strategy} search, queue {queue!r}"
+    )
     optimizer.start(job_complete_callback=_trial_done)
     optimizer.wait()
     best = _best(optimizer, parameters)
     optimizer.stop()
     trials = Task.get_tasks(task_filter={"parent": task.id, "status": ["completed", "failed", "stopped"]})
-    summary = {"optimizer_task_id": task.id, "base_task_id": base.id, "best": best,
-               "trials": {t.id: t.get_status() for t in trials}}
+    summary = {
+        "optimizer_task_id": task.id,
+        "base_task_id": base.id,
+        "best": best,
+        "trials": {t.id: t.get_status() for t in trials},
+    }
     task.upload_artifact("best_trial", artifact_object=summary, wait_on_upload=True)
     if best:
         task.get_logger().report_single_value("best val mIoU", best["val_mIoU"])

@@ -2,7 +2,6 @@
 
 import ast
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -36,19 +35,23 @@ def inference_config(config_path):
     mutations = {"data_loader": None} if "data_loader" in _assigned_names(path) else None
     config = load_config(path, mutations)
     if not isinstance(config.get("model"), torch.nn.Module):
-        raise UserError(f"config {path} defines no `model`: use an eval config such as configs/eval/baseline_resnet101.py")
+        raise UserError(
+            f"config {path} defines no `model`: use an eval config such as configs/eval/baseline_resnet101.py"
+        )
     return config
 
 
 class Predictor:
     """Class scores and masks at each image's own size (no padding), with the config's flip/scale TTA."""
 
-    def __init__(self, config_path, weights=None, device: Optional[str] = None):
+    def __init__(self, config_path, weights=None, device: str | None = None):
         config = inference_config(config_path)
         weights = weights or config.get("weights_path")
         if not weights:
-            raise UserError(f"no weights: pass --weights /path/to/best_model.pt (or a ClearML model id), or set "
-                            f"WEIGHTS_PATH / weights_path in {config_path}")
+            raise UserError(
+                f"no weights: pass --weights /path/to/best_model.pt (or a ClearML model id), or set "
+                f"WEIGHTS_PATH / weights_path in {config_path}"
+            )
         self.device = torch.device(device or config.get("device", "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {self.device} was asked for but no GPU is visible: use --device cpu")
@@ -71,14 +74,15 @@ class Predictor:
         with autocast(self.device, self.dtype):
             return predict(self.model, x, flip=self.flip, scales=self.scales)
 
-    def mask(self, image: np.ndarray, max_side: Optional[int] = None) -> np.ndarray:
+    def mask(self, image: np.ndarray, max_side: int | None = None) -> np.ndarray:
         """HxW uint8 class ids. With ``max_side``, larger images are scored shrunk to it (memory and time grow
         with the pixel count) and the scores brought back to the full size before the argmax."""
         height, width = image.shape[:2]
         if max_side and max(height, width) > max_side:
             factor = max_side / max(height, width)
-            small = cv2.resize(image, (max(1, round(width * factor)), max(1, round(height * factor))),
-                               interpolation=cv2.INTER_AREA)
+            small = cv2.resize(
+                image, (max(1, round(width * factor)), max(1, round(height * factor))), interpolation=cv2.INTER_AREA
+            )
             scores = F.interpolate(self.scores(small), size=(height, width), mode="bilinear", align_corners=False)
         else:
             scores = self.scores(image)

@@ -7,13 +7,19 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Optional
 
 import ignite.distributed as idist
 import torch
 from torch import nn
-from torchvision.models import (MobileNet_V3_Large_Weights, ResNet18_Weights, ResNet50_Weights, ResNet101_Weights,
-                                resnet18, resnet50, resnet101)
+from torchvision.models import (
+    MobileNet_V3_Large_Weights,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    resnet18,
+    resnet50,
+    resnet101,
+)
 from torchvision.models import segmentation as seg
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -61,14 +67,17 @@ def _dilated_resnet(factory):
 
 def _deeplabv3_mobilenet(*, num_classes, aux_loss, output_stride):
     _check_output_stride("mobilenet_v3_large", output_stride, (16,))
-    return seg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes,
-                                            aux_loss=aux_loss)
+    return seg.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
+    )
 
 
 def _check_output_stride(name, output_stride, allowed):
     if output_stride not in allowed:
-        raise UserError(f"output_stride={output_stride} is not available for the {name} backbone: use "
-                        f"{' or '.join(map(str, allowed))}")
+        raise UserError(
+            f"output_stride={output_stride} is not available for the {name} backbone: use "
+            f"{' or '.join(map(str, allowed))}"
+        )
 
 
 # name -> (builder, ImageNet weights, default output stride)
@@ -80,9 +89,14 @@ _BUILDERS = {
 }
 
 
-def deeplabv3(backbone: str = "resnet101", num_classes: int = NUM_CLASSES, aux_loss: bool = True,
-              pretrained_backbone: bool = True, bn_momentum: Optional[float] = None,
-              output_stride: Optional[int] = None) -> nn.Module:
+def deeplabv3(
+    backbone: str = "resnet101",
+    num_classes: int = NUM_CLASSES,
+    aux_loss: bool = True,
+    pretrained_backbone: bool = True,
+    bn_momentum: float | None = None,
+    output_stride: int | None = None,
+) -> nn.Module:
     """torchvision DeepLabV3 with an ImageNet-pretrained backbone (or none, on purpose).
 
     ``output_stride`` (8 or 16, ResNet-50/101 only; default 8 as torchvision) sets which ResNet stages dilate
@@ -109,7 +123,7 @@ def deeplabv3(backbone: str = "resnet101", num_classes: int = NUM_CLASSES, aux_l
     return model
 
 
-def backbone_source(model: nn.Module) -> Optional[str]:
+def backbone_source(model: nn.Module) -> str | None:
     """Where the model's ImageNet weights came from ("hub URL (sha256 ...)", "file PATH (sha256 ...)", "none ...")."""
     return getattr(getattr(model, "module", model), "backbone_source", None)
 
@@ -127,8 +141,9 @@ def _backbone_weights(weights, backbone: str):
     path = os.environ.get("PRETRAINED_BACKBONE", "").strip()
     if path:
         if not Path(path).is_file():
-            raise UserError(f"PRETRAINED_BACKBONE={path} does not exist: point it at an ImageNet backbone .pth "
-                            "or unset it")
+            raise UserError(
+                f"PRETRAINED_BACKBONE={path} does not exist: point it at an ImageNet backbone .pth or unset it"
+            )
         state = load_file(path, "PRETRAINED_BACKBONE file", "PRETRAINED_BACKBONE")
         return state, f"file {path} (sha256 {_short_sha256(path)})"
     # Once per node: local rank 0 downloads into the hub cache while the others wait, then read the cache.
@@ -146,7 +161,8 @@ def _backbone_weights(weights, backbone: str):
         raise UserError(
             f"no ImageNet weights for the {backbone} backbone: {weights.url} could not be downloaded ({reason}); "
             f"set PRETRAINED_BACKBONE=/path/to/{Path(weights.url).name} (a local copy) or pretrained_backbone=False "
-            "in the config (random init, on purpose)")
+            "in the config (random init, on purpose)"
+        )
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(weights.url).path).name
     return state, f"hub {weights.url} (sha256 {_short_sha256(cached)})"
 
@@ -174,12 +190,14 @@ def _load_backbone(model: nn.Module, state, source: str, backbone_name: str) -> 
     backbone_keys = set(model.backbone.state_dict())
     # MobileNet's segmentation backbone is its `features` block; DDP checkpoints prefix everything with `module.`.
     for prefix in ("", "module.", "features.", "module.features."):
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if backbone_keys & set(stripped):
             break
     else:
-        raise UserError(f"backbone weights from {source} share no tensor with the {backbone_name} backbone: "
-                        "use an ImageNet checkpoint of that architecture")
+        raise UserError(
+            f"backbone weights from {source} share no tensor with the {backbone_name} backbone: "
+            "use an ImageNet checkpoint of that architecture"
+        )
     try:
         # ImageNet checkpoints carry a classifier ('fc.*' / 'classifier.*') that the segmentation backbone lacks.
         result = model.backbone.load_state_dict(stripped, strict=False)
@@ -187,8 +205,10 @@ def _load_backbone(model: nn.Module, state, source: str, backbone_name: str) -> 
         first = str(exc).strip().splitlines()[-1].strip()
         raise UserError(f"backbone weights from {source} do not fit the {backbone_name} backbone: {first}") from None
     if result.missing_keys:
-        raise UserError(f"backbone weights from {source} lack {len(result.missing_keys)} tensors of the "
-                        f"{backbone_name} backbone (e.g. {result.missing_keys[0]}): use a complete checkpoint")
+        raise UserError(
+            f"backbone weights from {source} lack {len(result.missing_keys)} tensors of the "
+            f"{backbone_name} backbone (e.g. {result.missing_keys[0]}): use a complete checkpoint"
+        )
 
 
 def head_parameters(model: nn.Module):

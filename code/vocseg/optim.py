@@ -15,10 +15,17 @@ def param_groups(model, lr: float, head_lr_mult: float) -> list:
     return groups
 
 
-def sgd(model, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, head_lr_mult: float = 10.0,
-        nesterov: bool = False) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, lr, head_lr_mult), lr=lr, momentum=momentum,
-                           weight_decay=weight_decay, nesterov=nesterov)
+def sgd(
+    model,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    head_lr_mult: float = 10.0,
+    nesterov: bool = False,
+) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        param_groups(model, lr, head_lr_mult), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+    )
 
 
 def adamw(model, lr: float, weight_decay: float = 1e-2, head_lr_mult: float = 1.0) -> torch.optim.AdamW:

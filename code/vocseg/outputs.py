@@ -25,8 +25,9 @@ def _unwritable(base: Path, exc: OSError) -> UserError:
     name = "CLEARML_OUTPUT_PATH" if os.environ.get("CLEARML_OUTPUT_PATH") else "OUTPUT_PATH"
     given = f"{name}={os.environ[name]}" if os.environ.get(name) else f"the default output folder {base.resolve()}"
     reason = exc.strerror or type(exc).__name__
-    return UserError(f"{given} cannot hold the run's outputs ({reason}: {exc.filename or base}): "
-                     f"set {name} to a writable folder")
+    return UserError(
+        f"{given} cannot hold the run's outputs ({reason}: {exc.filename or base}): set {name} to a writable folder"
+    )
 
 
 def check_output_base() -> Path:
@@ -99,15 +100,26 @@ def write_json(path: Path, data: dict) -> None:
 
 def setup_tensorboard(output_dir: Path, trainer, optimizer, evaluators: dict, log_every_iters: int):
     tb = TensorboardLogger(log_dir=output_dir / "tb")
-    tb.attach(trainer, OutputHandler(tag="train", output_transform=lambda o: {"batch_loss": float(o["batch_loss"])}),
-              event_name=Events.ITERATION_COMPLETED(every=log_every_iters))
-    tb.attach(trainer, OptimizerParamsHandler(optimizer, param_name="lr"),
-              event_name=Events.ITERATION_COMPLETED(every=log_every_iters))
+    tb.attach(
+        trainer,
+        OutputHandler(tag="train", output_transform=lambda o: {"batch_loss": float(o["batch_loss"])}),
+        event_name=Events.ITERATION_COMPLETED(every=log_every_iters),
+    )
+    tb.attach(
+        trainer,
+        OptimizerParamsHandler(optimizer, param_name="lr"),
+        event_name=Events.ITERATION_COMPLETED(every=log_every_iters),
+    )
     for tag, evaluator in evaluators.items():
-        tb.attach(evaluator, OutputHandler(tag=tag, metric_names=["mIoU", "mIoU_no_bg", "pixel_accuracy",
-                                                                   "mean_class_accuracy", "IoU"],
-                                           global_step_transform=lambda *_: trainer.state.epoch),
-                  event_name=Events.COMPLETED)
+        tb.attach(
+            evaluator,
+            OutputHandler(
+                tag=tag,
+                metric_names=["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy", "IoU"],
+                global_step_transform=lambda *_: trainer.state.epoch,
+            ),
+            event_name=Events.COMPLETED,
+        )
 
     def log_grid(engine):
         grid = getattr(engine.state, "grid", None)

@@ -4,8 +4,6 @@
 emulated there, but cuDNN has no bf16 convolutions below compute capability 8.0: bf16 would run slowly.
 """
 
-from typing import Optional
-
 import torch
 
 from vocseg.errors import UserError
@@ -14,7 +12,7 @@ CHOICES = ("auto", "bf16", "fp16", "off")
 BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
 
 
-def amp_dtype(amp, device: torch.device, where: str = "the config") -> Optional[torch.dtype]:
+def amp_dtype(amp, device: torch.device, where: str = "the config") -> torch.dtype | None:
     """The autocast dtype for ``amp`` in {"auto", "bf16", "fp16", "off"} on ``device``; None means fp32."""
     amp = "off" if amp in (None, False) else amp
     if amp not in CHOICES:
@@ -27,11 +25,12 @@ def amp_dtype(amp, device: torch.device, where: str = "the config") -> Optional[
     if amp == "bf16" and capability < BF16_CAPABILITY:
         raise UserError(
             f"amp='bf16' in {where}: {torch.cuda.get_device_name(device)} (compute capability "
-            f"{capability[0]}.{capability[1]}) has no bf16 tensor cores; set amp='fp16' or amp='auto'")
+            f"{capability[0]}.{capability[1]}) has no bf16 tensor cores; set amp='fp16' or amp='auto'"
+        )
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def describe(dtype: Optional[torch.dtype]) -> str:
+def describe(dtype: torch.dtype | None) -> str:
     """The line the log shows for the precision that runs."""
     if dtype is None:
         return "fp32"

@@ -36,14 +36,18 @@ def output_paths(files, out: Path, overwrite: bool = False) -> dict:
     targets, seen = {}, {}
     for path in files:
         if path.stem in seen:
-            raise UserError(f"{seen[path.stem]} and {path} would both write {out / path.stem}.png: "
-                            f"predict them into separate --out folders")
+            raise UserError(
+                f"{seen[path.stem]} and {path} would both write {out / path.stem}.png: "
+                f"predict them into separate --out folders"
+            )
         seen[path.stem] = path
         targets[path] = (out / f"{path.stem}.png", out / f"{path.stem}_overlay.jpg")
     existing = [str(p) for pair in targets.values() for p in pair if p.exists()]
     if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists ({len(existing)} files would be replaced): "
-                        f"pick a new --out folder or pass --overwrite")
+        raise UserError(
+            f"{existing[0]} already exists ({len(existing)} files would be replaced): "
+            f"pick a new --out folder or pass --overwrite"
+        )
     return targets
 
 

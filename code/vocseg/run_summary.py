@@ -30,7 +30,8 @@ def read_run(output_dir) -> dict:
     events.Reload()
     tags = events.Tags()
     wanted = ["train/batch_loss", "train_eval/mIoU", "val/mIoU"] + sorted(
-        (t for t in tags["scalars"] if t.startswith("lr/")), key=lambda t: int(t.rsplit("_", 1)[-1]))
+        (t for t in tags["scalars"] if t.startswith("lr/")), key=lambda t: int(t.rsplit("_", 1)[-1])
+    )
     series = {}
     for tag in wanted:
         if tag in tags["scalars"]:
@@ -41,8 +42,13 @@ def read_run(output_dir) -> dict:
         grid = np.array(Image.open(io.BytesIO(events.Images(GRID_TAG)[-1].encoded_image_string)).convert("RGB"))
     metrics_file = output_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return {"series": series, "grid": grid, "val_iou": metrics.get("val", {}).get("IoU"),
-            "epoch": metrics.get("epoch"), "name": f"{output_dir.parent.name}/{output_dir.name}"}
+    return {
+        "series": series,
+        "grid": grid,
+        "val_iou": metrics.get("val", {}).get("IoU"),
+        "epoch": metrics.get("epoch"),
+        "name": f"{output_dir.parent.name}/{output_dir.name}",
+    }
 
 
 def _curves(ax, series: dict, tags, xlabel: str, title: str, log: bool = False) -> None:
@@ -61,12 +67,20 @@ def _curves(ax, series: dict, tags, xlabel: str, title: str, log: bool = False) 
 
 
 def _class_bars(ax, iou) -> None:
-    values = np.array([np.nan if v is None else v for v in iou], dtype=float) if iou else np.full(len(VOC_CLASSES), np.nan)
+    values = (
+        np.array([np.nan if v is None else v for v in iou], dtype=float) if iou else np.full(len(VOC_CLASSES), np.nan)
+    )
     x = np.arange(len(values))
     ax.bar(x, np.nan_to_num(values), color="tab:blue")
     for i, v in enumerate(values):
-        ax.text(i, (0 if math.isnan(v) else v) + 0.01, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center",
-                va="bottom", fontsize=7)
+        ax.text(
+            i,
+            (0 if math.isnan(v) else v) + 0.01,
+            "n/a" if math.isnan(v) else f"{v:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_xticks(x, VOC_CLASSES[: len(values)], rotation=45, ha="right", fontsize=8)
     ax.set(ylim=(0, 1.1), ylabel="IoU")
     miou = np.nanmean(values) if np.isfinite(values).any() else float("nan")
@@ -91,10 +105,21 @@ def plot_summary(run: dict, path) -> Path:
     FigureCanvasAgg(fig)
     grid_spec = fig.add_gridspec(4, 2, width_ratios=(1.4, 1))
     series = run["series"]
-    _curves(fig.add_subplot(grid_spec[0, 0]), series, [t for t in ("train/batch_loss",) if t in series], "iteration",
-            "training loss (per logged batch)")
-    _curves(fig.add_subplot(grid_spec[1, 0]), series, [t for t in series if t.startswith("lr/")], "iteration",
-            "learning rate per parameter group (log scale; zero not drawn)", log=True)
+    _curves(
+        fig.add_subplot(grid_spec[0, 0]),
+        series,
+        [t for t in ("train/batch_loss",) if t in series],
+        "iteration",
+        "training loss (per logged batch)",
+    )
+    _curves(
+        fig.add_subplot(grid_spec[1, 0]),
+        series,
+        [t for t in series if t.startswith("lr/")],
+        "iteration",
+        "learning rate per parameter group (log scale; zero not drawn)",
+        log=True,
+    )
     ax = fig.add_subplot(grid_spec[2, 0])
     _curves(ax, series, [t for t in ("train_eval/mIoU", "val/mIoU") if t in series], "epoch", "mIoU per validation")
     ax.set_ylim(0, 1)

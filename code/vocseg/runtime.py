@@ -122,8 +122,10 @@ def processes_per_node(config_path, mutations=None) -> int:
         except (TypeError, ValueError):
             count = 0
         if count < 1 or str(count) != str(given).strip():
-            raise UserError(f"nproc_per_node {given!r} is not a whole number of processes >= 1: fix "
-                            f"NPROC_PER_NODE or nproc_per_node in {config_path}")
+            raise UserError(
+                f"nproc_per_node {given!r} is not a whole number of processes >= 1: fix "
+                f"NPROC_PER_NODE or nproc_per_node in {config_path}"
+            )
         return count
     if str(peek_constant(config_path, "device", mutations, default="")).startswith("cpu"):
         return 1
@@ -155,8 +157,10 @@ def process_group_timeout(config_path, backend):
     try:
         return datetime.timedelta(seconds=float(seconds))
     except (TypeError, ValueError):
-        raise UserError(f"process-group timeout {seconds!r} is not a number of seconds: fix DIST_TIMEOUT or "
-                        f"dist_timeout in {config_path}") from None
+        raise UserError(
+            f"process-group timeout {seconds!r} is not a number of seconds: fix DIST_TIMEOUT or "
+            f"dist_timeout in {config_path}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -165,12 +169,18 @@ def parallel_context(config_path, nproc: int = 1, mutations=None):
     process-group timeout applied."""
     backend = distributed_backend()
     if backend is None and nproc > 1:
-        on_gpu = torch.cuda.is_available() and not str(peek_constant(config_path, "device", mutations,
-                                                                     default="")).startswith("cpu")
+        on_gpu = torch.cuda.is_available() and not str(
+            peek_constant(config_path, "device", mutations, default="")
+        ).startswith("cpu")
         backend = "nccl" if on_gpu else "gloo"
         timeout = process_group_timeout(config_path, backend)
-        with idist.Parallel(backend=backend, nproc_per_node=nproc, master_addr="127.0.0.1", master_port=_free_port(),
-                            **({"timeout": timeout} if timeout else {})) as parallel:
+        with idist.Parallel(
+            backend=backend,
+            nproc_per_node=nproc,
+            master_addr="127.0.0.1",
+            master_port=_free_port(),
+            **({"timeout": timeout} if timeout else {}),
+        ) as parallel:
             yield parallel
         return
     if backend is None:
@@ -186,9 +196,13 @@ def parallel_context(config_path, nproc: int = 1, mutations=None):
     else:  # ignite adopts a process group that exists (idist syncs from the context)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                             world_size=int(os.environ["WORLD_SIZE"]),
-                                             **({"timeout": timeout} if timeout else {}))
+        torch.distributed.init_process_group(
+            backend,
+            store=store,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            **({"timeout": timeout} if timeout else {}),
+        )
     try:
         with idist.Parallel() as parallel:
             yield parallel
@@ -207,9 +221,13 @@ def _restarted_group_store(timeout):
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                       int(os.environ["WORLD_SIZE"]), is_master=False,
-                                       **({"timeout": timeout} if timeout else {}))
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        **({"timeout": timeout} if timeout else {}),
+    )
     return torch.distributed.PrefixStore(f"vocseg/restart_{restart}", store)
 
 
@@ -249,8 +267,9 @@ def from_rank_zero(what: str, fn, wait: datetime.timedelta = RANK_ZERO_WAIT):
             rank, why = idist.get_rank(), one_line(exc)[:200]
             if rank == 0:
                 raise UserError(f"rank 0 could not hand the result of {what} to the other ranks ({why})") from None
-            raise UserError(f"rank {rank}: rank 0 did not finish {what} within {wait.total_seconds():g} s "
-                            f"({why})") from None
+            raise UserError(
+                f"rank {rank}: rank 0 did not finish {what} within {wait.total_seconds():g} s ({why})"
+            ) from None
     finally:
         torch.distributed.destroy_process_group(group)
     result, error = box[0]
@@ -263,9 +282,13 @@ def setup_logging(output_dir):
     from ignite.utils import setup_logger
 
     rank = idist.get_rank()
-    logger = setup_logger("vocseg", filepath=output_dir / "training.log" if rank == 0 else None,
-                          distributed_rank=rank, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                          reset=True)  # vocseg.* module loggers propagate here
+    logger = setup_logger(
+        "vocseg",
+        filepath=output_dir / "training.log" if rank == 0 else None,
+        distributed_rank=rank,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        reset=True,
+    )  # vocseg.* module loggers propagate here
     if rank > 0:
         # The other ranks print only warnings and the lines logged with extra=ALL_RANKS (e.g. their metrics):
         # enough to see which rank failed or disagrees, without a copy of every message per process.

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-
 log = logging.getLogger(__name__)
 _VERSION = "2"  # bump when the check itself changes, so old passes no longer count
 
@@ -73,6 +72,5 @@ def check_loaders(loaders: dict) -> str:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     except OSError as exc:
-        log.warning("sample check not cached (%s): set VOCSEG_CACHE_DIR to a writable folder to skip it next time",
-                    exc)
+        log.warning("sample check not cached (%s): set VOCSEG_CACHE_DIR to a writable folder to skip it next time", exc)
     return f"checked {len(entries)} samples in {seconds:.1f} s (images, masks, sizes){note}"

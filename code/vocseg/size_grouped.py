@@ -6,7 +6,7 @@ height and width, and a size that occurs once is a batch of one.
 """
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch.utils.data import Sampler, Subset
 
@@ -38,7 +38,9 @@ class SizeGroupedBatches(Sampler):
         groups = defaultdict(list)
         for index, size in zip(indices, sizes):
             groups[tuple(size)].append(index)
-        batches = [group[i:i + batch_size] for _, group in sorted(groups.items()) for i in range(0, len(group), batch_size)]
+        batches = [
+            group[i : i + batch_size] for _, group in sorted(groups.items()) for i in range(0, len(group), batch_size)
+        ]
         batches.sort(key=len, reverse=True)  # stable: same-length batches keep their size order
         self.batches = batches[rank::num_replicas]
 

@@ -27,13 +27,17 @@ def listed_images(voc_root, image_set: str = "test") -> dict:
     voc = Path(voc_root) / "VOCdevkit" / "VOC2012"
     split_file = voc / "ImageSets" / "Segmentation" / f"{image_set}.txt"
     if not split_file.is_file():
-        raise UserError(f"{split_file} does not exist: unpack VOC2012test.tar into {voc_root} (it adds the test "
-                        f"list and images to VOCdevkit/VOC2012)")
+        raise UserError(
+            f"{split_file} does not exist: unpack VOC2012test.tar into {voc_root} (it adds the test "
+            f"list and images to VOCdevkit/VOC2012)"
+        )
     images = {image_id: voc / "JPEGImages" / f"{image_id}.jpg" for image_id in read_split(split_file)}
     missing = [str(p) for p in images.values() if not p.is_file()]
     if missing:
-        raise UserError(f"{split_file} lists {len(missing)} images that do not exist (e.g. {missing[0]}): "
-                        f"unpack the whole test archive")
+        raise UserError(
+            f"{split_file} lists {len(missing)} images that do not exist (e.g. {missing[0]}): "
+            f"unpack the whole test archive"
+        )
     return images
 
 
@@ -43,8 +47,10 @@ def check_results(folder: Path, sizes: dict) -> None:
     expected = {f"{image_id}.png" for image_id in sizes}
     if found != expected:
         missing, extra = sorted(expected - found), sorted(found - expected)
-        raise UserError(f"{folder} does not match the test list: missing {missing[:3]}, unexpected {extra[:3]}; "
-                        f"write the submission into a new --out folder")
+        raise UserError(
+            f"{folder} does not match the test list: missing {missing[:3]}, unexpected {extra[:3]}; "
+            f"write the submission into a new --out folder"
+        )
     for image_id, size in sizes.items():
         path = folder / f"{image_id}.png"
         with Image.open(path) as png:
@@ -58,7 +64,7 @@ def _png_problem(png: Image.Image, size) -> str:
     if png.mode != "P":
         return f"mode is {png.mode}, not P"
     palette = voc_palette()[:NUM_CLASSES].ravel().tolist()
-    if png.getpalette()[:len(palette)] != palette:
+    if png.getpalette()[: len(palette)] != palette:
         return "the palette is not VOC's"
     if png.size != (width, height):
         return f"it is {png.width}x{png.height}, not the image's {width}x{height}"
@@ -79,8 +85,10 @@ def pack(out: Path, competition: str) -> Path:
 def new_results_folder(out, competition: str) -> Path:
     """The empty ``<comp>_test_cls`` folder under ``out``; an earlier submission there is never overwritten."""
     if competition not in COMPETITIONS:
-        raise UserError(f"competition {competition!r} is unknown: use comp5 ({COMPETITIONS['comp5']}) or "
-                        f"comp6 ({COMPETITIONS['comp6']})")
+        raise UserError(
+            f"competition {competition!r} is unknown: use comp5 ({COMPETITIONS['comp5']}) or "
+            f"comp6 ({COMPETITIONS['comp6']})"
+        )
     folder = results_folder(out, competition)
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder} already holds predictions: pick a new --out folder or delete it")

@@ -94,25 +94,33 @@ def _boundaries(masks: list[np.ndarray]) -> np.ndarray:
 def _write_mat(path: Path, name: str, struct: dict) -> None:
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {name: struct})
-    path.write_bytes(_MAT_HEADER + buffer.getvalue()[len(_MAT_HEADER):])
+    path.write_bytes(_MAT_HEADER + buffer.getvalue()[len(_MAT_HEADER) :])
 
 
 def _write_sbd_mats(sbd: Path, image_id: str, semantic: np.ndarray, instances: np.ndarray, table: np.ndarray) -> None:
     present = [c for c in range(1, NUM_CLASSES) if (semantic == c).any()]
-    _write_mat(sbd / "cls" / f"{image_id}.mat", "GTcls", {
-        "Segmentation": semantic,
-        "Boundaries": _boundaries([semantic == c for c in range(1, NUM_CLASSES)]),
-        "CategoriesPresent": np.array(present, np.uint8).reshape(-1, 1),
-    })
+    _write_mat(
+        sbd / "cls" / f"{image_id}.mat",
+        "GTcls",
+        {
+            "Segmentation": semantic,
+            "Boundaries": _boundaries([semantic == c for c in range(1, NUM_CLASSES)]),
+            "CategoriesPresent": np.array(present, np.uint8).reshape(-1, 1),
+        },
+    )
     # Hidden instances vanish from the instance map; the rest are renumbered 1..n as in SBD.
     visible = [k for k in range(1, len(table)) if (instances == k).any()]
     renumber = np.zeros(256, np.uint8)
     renumber[visible] = np.arange(1, len(visible) + 1)
-    _write_mat(sbd / "inst" / f"{image_id}.mat", "GTinst", {
-        "Segmentation": renumber[instances],
-        "Boundaries": _boundaries([instances == k for k in visible]),
-        "Categories": table[visible].reshape(-1, 1),
-    })
+    _write_mat(
+        sbd / "inst" / f"{image_id}.mat",
+        "GTinst",
+        {
+            "Segmentation": renumber[instances],
+            "Boundaries": _boundaries([instances == k for k in visible]),
+            "Categories": table[visible].reshape(-1, 1),
+        },
+    )
 
 
 def _image_id(k: int) -> str:
@@ -157,8 +165,8 @@ def _assign_splits(rng, n_train: int, n_val: int):
     all_ids = [_image_id(k) for k in range(total)]
     order = rng.permutation(total)
     voc_train = sorted(all_ids[k] for k in order[:n_train])
-    voc_val = sorted(all_ids[k] for k in order[n_train:n_train + n_val])
-    sbd_only = sorted(all_ids[k] for k in order[n_train + n_val:])
+    voc_val = sorted(all_ids[k] for k in order[n_train : n_train + n_val])
+    sbd_only = sorted(all_ids[k] for k in order[n_train + n_val :])
     sbd_train, sbd_val = [], []
     for group in (voc_train[::2], voc_val[::3], sbd_only):
         for i, image_id in enumerate(group):
@@ -176,27 +184,39 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     out = Path(out)
     h, w = (int(v) for v in size)
     if n_train < 1 or n_val < 1 or n_test < 0:
-        raise UserError(f"need at least 1 train and 1 val image and no negative count, got --train {n_train} "
-                        f"--val {n_val} --test {n_test}")
+        raise UserError(
+            f"need at least 1 train and 1 val image and no negative count, got --train {n_train} "
+            f"--val {n_val} --test {n_test}"
+        )
     if min(h, w) < 16:
         raise UserError(f"--size {h} {w} is too small; use at least 16 16")
     if (out / "VOCdevkit").exists() or (out / "SBD").exists():
         raise UserError(f"{out} already holds VOCdevkit/ or SBD/; pick a new output folder or delete them")
 
-    all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val = _assign_splits(np.random.default_rng(seed),
-                                                                                n_train, n_val)
+    all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val = _assign_splits(
+        np.random.default_rng(seed), n_train, n_val
+    )
     total = len(all_ids)
 
     voc = out / "VOCdevkit" / "VOC2012"
     sbd = out / "SBD"
-    for folder in (voc / "JPEGImages", voc / "SegmentationClass", voc / "ImageSets" / "Segmentation",
-                   sbd / "img", sbd / "cls", sbd / "inst"):
+    for folder in (
+        voc / "JPEGImages",
+        voc / "SegmentationClass",
+        voc / "ImageSets" / "Segmentation",
+        sbd / "img",
+        sbd / "cls",
+        sbd / "inst",
+    ):
         folder.mkdir(parents=True, exist_ok=True)
 
     in_voc, in_sbd = set(voc_train) | set(voc_val), set(sbd_train) | set(sbd_val)
     # Cycling the guaranteed class through each split puts every class in every split of >= 20.
-    guaranteed = {image_id: i % (NUM_CLASSES - 1) + 1
-                  for group in (voc_train, voc_val, sbd_only) for i, image_id in enumerate(group)}
+    guaranteed = {
+        image_id: i % (NUM_CLASSES - 1) + 1
+        for group in (voc_train, voc_val, sbd_only)
+        for i, image_id in enumerate(group)
+    }
     for k, image_id in enumerate(all_ids):
         image, instances, table = _render(np.random.default_rng([seed, k]), guaranteed[image_id], (h, w))
         semantic = table[instances]
@@ -222,7 +242,13 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     if n_test:
         _write_test_split(voc, n_test, total, (h, w), seed)
     return {
-        "voc_root": out, "sbd_root": sbd, "images": total + n_test, "voc_test": n_test,
-        "voc_train": len(voc_train), "voc_val": len(voc_val),
-        "sbd_train": len(sbd_train), "sbd_val": len(sbd_val), "sbd_train_noval": len(train_noval),
+        "voc_root": out,
+        "sbd_root": sbd,
+        "images": total + n_test,
+        "voc_test": n_test,
+        "voc_train": len(voc_train),
+        "voc_val": len(voc_val),
+        "sbd_train": len(sbd_train),
+        "sbd_val": len(sbd_val),
+        "sbd_train_noval": len(train_noval),
     }

@@ -19,8 +19,14 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from vocseg import outputs, precision, runtime, sample_check
-from vocseg.checkpoints import (RunSettings, best_model_checkpointer, carry_best_models, newest_complete_checkpoint,
-                                resume, training_checkpointer)
+from vocseg.checkpoints import (
+    RunSettings,
+    best_model_checkpointer,
+    carry_best_models,
+    newest_complete_checkpoint,
+    resume,
+    training_checkpointer,
+)
 from vocseg.config import check_constants, check_loaded, check_seed, check_trainval, load_config, peek_constant
 from vocseg.dataflow import images_scored
 from vocseg.engines import create_evaluator, create_trainer
@@ -48,8 +54,13 @@ def _train_one_rank(source) -> None:
         # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
         task = clearml_session.prepare(source.config_path, source.script_path, output_dir)
         tracker_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
-    train(source.config_path, source.script_path, mutations=source.mutations or None, tracker_factory=tracker_factory,
-          output_dir=output_dir)
+    train(
+        source.config_path,
+        source.script_path,
+        mutations=source.mutations or None,
+        tracker_factory=tracker_factory,
+        output_dir=output_dir,
+    )
 
 
 def train(config_path, script_path=None, mutations=None, tracker_factory=None, output_dir=None) -> dict:
@@ -62,8 +73,9 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
     check_trainval(config)
     check_seed(config, seed)
     check_loaded(config, config_path)
-    checked = sample_check.check_loaders({"train": config.train_loader, "val": config.val_loader,
-                                          "train_eval": config.get("train_eval_loader")})
+    checked = sample_check.check_loaders(
+        {"train": config.train_loader, "val": config.val_loader, "train_eval": config.get("train_eval_loader")}
+    )
     output_dir = outputs.make_output_dir(config_path, output_dir)
     logger = runtime.setup_logging(output_dir)
     logger.info("before training: %s", checked)
@@ -75,13 +87,28 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
     results = _attach_validation(run, output_dir)
     run.save_after_validation()
     _attach_progress_logging(run)
-    tb = outputs.setup_tensorboard(output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every) \
-        if idist.get_rank() == 0 else None
+    tb = (
+        outputs.setup_tensorboard(output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every)
+        if idist.get_rank() == 0
+        else None
+    )
     if idist.get_rank() == 0:
         outputs.copy_sources(output_dir, config_path, script_path)
-    tracker = tracker_factory(config=config, output_dir=output_dir, trainer=run.trainer, evaluators=run.evaluators,
-                              optimizer=run.optimizer, model=run.model, best=run.best, logger=logger,
-                              checkpointer=checkpointer) if tracker_factory else None
+    tracker = (
+        tracker_factory(
+            config=config,
+            output_dir=output_dir,
+            trainer=run.trainer,
+            evaluators=run.evaluators,
+            optimizer=run.optimizer,
+            model=run.model,
+            best=run.best,
+            logger=logger,
+            checkpointer=checkpointer,
+        )
+        if tracker_factory
+        else None
+    )
 
     resumed_from = _resume(run, config.get("resume_from"), output_dir, tracker)
     try:
@@ -97,14 +124,17 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
             tracker.close()  # after the summary: the tracker attaches summary.png
 
     if run.trainer.state.preempted:
-        raise runtime.Preempted(f"{run.trainer.state.preempted}: stopped at iteration {run.trainer.state.iteration} "
-                                f"with checkpoint {output_dir / 'checkpoints' / checkpointer.last_checkpoint}; "
-                                f"a rerun with the same run folder continues from it")
+        raise runtime.Preempted(
+            f"{run.trainer.state.preempted}: stopped at iteration {run.trainer.state.iteration} "
+            f"with checkpoint {output_dir / 'checkpoints' / checkpointer.last_checkpoint}; "
+            f"a rerun with the same run folder continues from it"
+        )
     if run.trainer.state.nan_iteration is not None:
         good = checkpointer.last_checkpoint
         raise UserError(
             f"loss became NaN at iteration {run.trainer.state.nan_iteration}; training stopped. Last good checkpoint: "
-            f"{output_dir / 'checkpoints' / good if good else 'none yet'}. Lower the learning rate or check the data")
+            f"{output_dir / 'checkpoints' / good if good else 'none yet'}. Lower the learning rate or check the data"
+        )
     results.write({"completed": True})
     logger.info("done: metrics in %s", output_dir / "metrics.json")
     return {**results.values, "output_dir": str(output_dir)}
@@ -126,8 +156,10 @@ def _how_to_continue(exc, run, checkpointer, resumed_from) -> runtime.Interrupte
     state = run.trainer.state
     where = f"{exc} at iteration {state.iteration} (epoch {state.epoch})"
     if not last:
-        return runtime.Interrupted(exc.signum, f"{where} before its first checkpoint (every {run.save_every_iters} "
-                                               "iterations): rerun to start again")
+        return runtime.Interrupted(
+            exc.signum,
+            f"{where} before its first checkpoint (every {run.save_every_iters} iterations): rerun to start again",
+        )
     return runtime.Interrupted(exc.signum, f"{where}; last checkpoint {last}: continue with RESUME_FROM={last}")
 
 
@@ -148,8 +180,10 @@ def _sync_bn(config, device) -> bool:
         return False
     if device.type == "cpu":
         if requested:
-            log.warning("sync_bn=True ignored: SyncBatchNorm needs GPUs; each CPU process keeps its own BatchNorm "
-                        "statistics (rank 0's are the ones evaluated and saved)")
+            log.warning(
+                "sync_bn=True ignored: SyncBatchNorm needs GPUs; each CPU process keeps its own BatchNorm "
+                "statistics (rank 0's are the ones evaluated and saved)"
+            )
         return False
     return True if requested is None else bool(requested)
 
@@ -170,8 +204,10 @@ def _build(config, config_path, seed: int) -> SimpleNamespace:
     accumulation_steps = int(config.get("accumulation_steps", 1))
     save_every_iters = int(config.get("save_every_iters", 1000))
     if save_every_iters % accumulation_steps:
-        raise UserError(f"config {config_path}: save_every_iters={save_every_iters} must be a multiple of "
-                        f"accumulation_steps={accumulation_steps} so checkpoints never split an accumulated step")
+        raise UserError(
+            f"config {config_path}: save_every_iters={save_every_iters} must be a multiple of "
+            f"accumulation_steps={accumulation_steps} so checkpoints never split an accumulated step"
+        )
     amp_dtype = precision.amp_dtype(config.get("amp", "auto"), device, where=f"config {config_path}")
     sync_bn = _sync_bn(config, device)
     model, channels_last = _gpu_switches(config, device, config.model)
@@ -180,30 +216,68 @@ def _build(config, config_path, seed: int) -> SimpleNamespace:
         model = model.to(device)
     optimizer, lr_scheduler = config.optimizer, config.lr_scheduler
     num_classes, log_every = int(config.get("num_classes", 21)), int(config.get("log_every_iters", 10))
-    trainer = create_trainer(model, optimizer, config.criterion.to(device), lr_scheduler, config.train_loader.sampler,
-                             device=device, seed=seed, amp_dtype=amp_dtype, accumulation_steps=accumulation_steps,
-                             channels_last=channels_last, compile_model=config.get("compile_model", False),
-                             check_every=(save_every_iters, log_every))
-    evaluators = {tag: create_evaluator(model, device=device, amp_dtype=amp_dtype, num_classes=num_classes,
-                                        channels_last=channels_last) for tag in ("train_eval", "val")}
-    return SimpleNamespace(
-        config=config, device=device, amp=precision.describe(amp_dtype), sync_bn=sync_bn, model=model,
-        optimizer=optimizer, trainer=trainer, evaluators=evaluators, train_loader=config.train_loader,
-        loaders={"train_eval": config.train_eval_loader, "val": config.val_loader},
-        to_save={"settings": _run_settings(config, accumulation_steps), "trainer": trainer, "model": model,
-                 "optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": trainer.scaler},
+    trainer = create_trainer(
+        model,
+        optimizer,
+        config.criterion.to(device),
+        lr_scheduler,
+        config.train_loader.sampler,
+        device=device,
+        seed=seed,
+        amp_dtype=amp_dtype,
         accumulation_steps=accumulation_steps,
-        num_epochs=int(config.num_epochs), val_interval=int(config.get("val_interval", 1)),
-        save_every_iters=save_every_iters, log_every=log_every, best=None,
-        backbone_source=backbone_source(model))
+        channels_last=channels_last,
+        compile_model=config.get("compile_model", False),
+        check_every=(save_every_iters, log_every),
+    )
+    evaluators = {
+        tag: create_evaluator(
+            model, device=device, amp_dtype=amp_dtype, num_classes=num_classes, channels_last=channels_last
+        )
+        for tag in ("train_eval", "val")
+    }
+    return SimpleNamespace(
+        config=config,
+        device=device,
+        amp=precision.describe(amp_dtype),
+        sync_bn=sync_bn,
+        model=model,
+        optimizer=optimizer,
+        trainer=trainer,
+        evaluators=evaluators,
+        train_loader=config.train_loader,
+        loaders={"train_eval": config.train_eval_loader, "val": config.val_loader},
+        to_save={
+            "settings": _run_settings(config, accumulation_steps),
+            "trainer": trainer,
+            "model": model,
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+            "scaler": trainer.scaler,
+        },
+        accumulation_steps=accumulation_steps,
+        num_epochs=int(config.num_epochs),
+        val_interval=int(config.get("val_interval", 1)),
+        save_every_iters=save_every_iters,
+        log_every=log_every,
+        best=None,
+        backbone_source=backbone_source(model),
+    )
 
 
 def _run_settings(config, accumulation_steps: int) -> RunSettings:
     # What fixes the schedule and the data order: resuming under other values would be another run.
-    return RunSettings({"seed": config.get("seed"), "batch_size": config.get("batch_size"),
-                        "num_epochs": int(config.num_epochs), "accumulation_steps": accumulation_steps,
-                        "world_size": idist.get_world_size(), "iterations_per_epoch": len(config.train_loader)},
-                       fixes="restore the old settings to continue, or unset RESUME_FROM to start a new run")
+    return RunSettings(
+        {
+            "seed": config.get("seed"),
+            "batch_size": config.get("batch_size"),
+            "num_epochs": int(config.num_epochs),
+            "accumulation_steps": accumulation_steps,
+            "world_size": idist.get_world_size(),
+            "iterations_per_epoch": len(config.train_loader),
+        },
+        fixes="restore the old settings to continue, or unset RESUME_FROM to start a new run",
+    )
 
 
 def _resume(run, resume_from, output_dir, tracker=None):
@@ -214,8 +288,9 @@ def _resume(run, resume_from, output_dir, tracker=None):
     new_run = "unset RESUME_FROM to start a new run"
     if not resume_from:
         # Every rank resumes from the file rank 0 chose (and may have fetched), or stops with its error.
-        found = runtime.from_rank_zero("choosing the checkpoint to resume from",
-                                       functools.partial(_own_checkpoint, output_dir, tracker))
+        found = runtime.from_rank_zero(
+            "choosing the checkpoint to resume from", functools.partial(_own_checkpoint, output_dir, tracker)
+        )
         if not found:
             return None
         resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
@@ -223,17 +298,26 @@ def _resume(run, resume_from, output_dir, tracker=None):
     resume(run.to_save, resume_from, optional=("best_models", "early_stopping"))
     total = run.num_epochs * len(run.train_loader)
     if run.trainer.state.iteration >= total:  # Ignite would silently start such a run again from iteration 1
-        raise UserError(f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
-                        f"{total}): nothing left to train; {new_run}")
+        raise UserError(
+            f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
+            f"{total}): nothing left to train; {new_run}"
+        )
     missing = carry_best_models(run.best, resume_from, output_dir / "best")
     stopper = run.to_save.get("early_stopping")
-    log.info("resumed from %s at iteration %d (epoch %d); best models %s%s", resume_from,
-             run.trainer.state.iteration, run.trainer.state.epoch,
-             [item.filename for item in run.best._saved] or "none yet",
-             f"; early stopping counter {stopper.counter} best {stopper.best_score}" if stopper else "")
+    log.info(
+        "resumed from %s at iteration %d (epoch %d); best models %s%s",
+        resume_from,
+        run.trainer.state.iteration,
+        run.trainer.state.epoch,
+        [item.filename for item in run.best._saved] or "none yet",
+        f"; early stopping counter {stopper.counter} best {stopper.best_score}" if stopper else "",
+    )
     if missing:
-        log.warning("best models %s are not next to %s: their scores still count, the files are not copied",
-                    ", ".join(missing), resume_from)
+        log.warning(
+            "best models %s are not next to %s: their scores still count, the files are not copied",
+            ", ".join(missing),
+            resume_from,
+        )
     return resume_from
 
 
@@ -248,14 +332,30 @@ def _own_checkpoint(output_dir, tracker):
 
 def _log_header(run, config_path, output_dir) -> None:
     train_loader, val_loader, train_eval_loader = run.train_loader, run.loaders["val"], run.loaders["train_eval"]
-    log.info("vocseg %s | torch %s | torchvision %s | ignite %s | python %s", __import__("vocseg").__version__,
-             torch.__version__, torchvision.__version__, ignite.__version__, platform.python_version())
-    log.info("device %s | world size %d | precision %s | sync_bn %s | config %s", run.device, idist.get_world_size(),
-             run.amp, "on" if run.sync_bn else "off", config_path)
+    log.info(
+        "vocseg %s | torch %s | torchvision %s | ignite %s | python %s",
+        __import__("vocseg").__version__,
+        torch.__version__,
+        torchvision.__version__,
+        ignite.__version__,
+        platform.python_version(),
+    )
+    log.info(
+        "device %s | world size %d | precision %s | sync_bn %s | config %s",
+        run.device,
+        idist.get_world_size(),
+        run.amp,
+        "on" if run.sync_bn else "off",
+        config_path,
+    )
     log.info("backbone weights: %s", run.backbone_source or "not recorded (the model is not a vocseg.models build)")
-    log.info("train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
-             len(train_loader.dataset), len(train_loader), images_scored(val_loader),
-             images_scored(train_eval_loader) if train_eval_loader is not None else 0)
+    log.info(
+        "train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
+        len(train_loader.dataset),
+        len(train_loader),
+        images_scored(val_loader),
+        images_scored(train_eval_loader) if train_eval_loader is not None else 0,
+    )
     log.info("output folder %s", output_dir)
 
 
@@ -268,8 +368,9 @@ def _attach_checkpoints(run, output_dir):
     run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
     run.to_save["best_models"] = run.best
     if run.config.get("es_patience"):
-        stopper = EarlyStopping(int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"],
-                                trainer=run.trainer)
+        stopper = EarlyStopping(
+            int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"], trainer=run.trainer
+        )
         run.evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
         run.to_save["early_stopping"] = stopper
     checkpointer = training_checkpointer(run.to_save, output_dir / "checkpoints")
@@ -279,10 +380,14 @@ def _attach_checkpoints(run, output_dir):
             checkpointer(engine)
 
     every = run.save_every_iters
-    run.trainer.add_event_handler(Events.ITERATION_COMPLETED(
-        event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length != 0) | Events.COMPLETED, save_checkpoint)
+    run.trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length != 0)
+        | Events.COMPLETED,
+        save_checkpoint,
+    )
     run.save_after_validation = lambda: run.trainer.add_event_handler(
-        Events.EPOCH_COMPLETED(event_filter=lambda e, _: e.state.iteration % every == 0), save_checkpoint)
+        Events.EPOCH_COMPLETED(event_filter=lambda e, _: e.state.iteration % every == 0), save_checkpoint
+    )
     return checkpointer
 
 
@@ -303,12 +408,14 @@ def _attach_preemption(run) -> None:
         if idist.get_world_size() > 1 and idist.all_reduce(int(bool(asked)), op="MAX"):
             asked = asked or "SIGUSR1 on another rank"
         if asked and engine.state.iteration % engine.state.epoch_length and engine.state.nan_iteration is None:
-            log.warning("%s received: checkpoint at iteration %d, then exit %d for a requeue", asked,
-                        engine.state.iteration, runtime.PREEMPTED_EXIT)
+            log.warning(
+                "%s received: checkpoint at iteration %d, then exit %d for a requeue",
+                asked,
+                engine.state.iteration,
+                runtime.PREEMPTED_EXIT,
+            )
             engine.state.preempted = asked
             engine.terminate()
-
-
 
 
 class _Results:
@@ -320,11 +427,19 @@ class _Results:
     def write(self, extra=None) -> None:
         if idist.get_rank() == 0:
             best = self.run.best.last_checkpoint
-            outputs.write_json(self.output_dir / "metrics.json", {
-                **self.values, "epoch": self.run.trainer.state.epoch, "iteration": self.run.trainer.state.iteration,
-                "best_model": best and str(self.output_dir / "best" / best), "output_dir": str(self.output_dir),
-                "backbone_source": self.run.backbone_source, "precision": self.run.amp,
-                **(extra or {})})
+            outputs.write_json(
+                self.output_dir / "metrics.json",
+                {
+                    **self.values,
+                    "epoch": self.run.trainer.state.epoch,
+                    "iteration": self.run.trainer.state.iteration,
+                    "best_model": best and str(self.output_dir / "best" / best),
+                    "output_dir": str(self.output_dir),
+                    "backbone_source": self.run.backbone_source,
+                    "precision": self.run.amp,
+                    **(extra or {}),
+                },
+            )
 
 
 def _capture_grid(evaluator: Engine) -> None:
@@ -338,13 +453,19 @@ def _attach_validation(run, output_dir) -> _Results:
     """train_eval then val every ``val_interval`` epochs and after the last one."""
     results = _Results(run, output_dir)
     timer = Timer(average=True)
-    timer.attach(run.trainer, start=Events.EPOCH_STARTED, resume=Events.ITERATION_STARTED,
-                 pause=Events.ITERATION_COMPLETED, step=Events.ITERATION_COMPLETED)
+    timer.attach(
+        run.trainer,
+        start=Events.EPOCH_STARTED,
+        resume=Events.ITERATION_STARTED,
+        pause=Events.ITERATION_COMPLETED,
+        step=Events.ITERATION_COMPLETED,
+    )
     run.evaluators["val"].add_event_handler(Events.ITERATION_COMPLETED, _capture_grid)
     rank, world_size = idist.get_rank(), idist.get_world_size()
 
-    @run.trainer.on(Events.EPOCH_COMPLETED(
-        event_filter=lambda _, epoch: epoch % run.val_interval == 0 or epoch == run.num_epochs))
+    @run.trainer.on(
+        Events.EPOCH_COMPLETED(event_filter=lambda _, epoch: epoch % run.val_interval == 0 or epoch == run.num_epochs)
+    )
     def validate(engine):
         epoch = engine.state.epoch
         log.info("epoch %d: %.3f s/iteration", epoch, timer.value())
@@ -357,8 +478,14 @@ def _attach_validation(run, output_dir) -> _Results:
             log.info("epoch %d %s: %s", epoch, tag, " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "IoU"))
         if world_size > 1:
             # Exact values from every rank: they must agree, as the confusion matrices are summed over ranks.
-            log.info("epoch %d rank %d/%d: %s", epoch, rank, world_size,
-                     " ".join(f"{tag}_mIoU={m['mIoU']!r}" for tag, m in results.values.items()), extra=ALL_RANKS)
+            log.info(
+                "epoch %d rank %d/%d: %s",
+                epoch,
+                rank,
+                world_size,
+                " ".join(f"{tag}_mIoU={m['mIoU']!r}" for tag, m in results.values.items()),
+                extra=ALL_RANKS,
+            )
         results.write()
 
     return results
@@ -373,10 +500,16 @@ def _attach_progress_logging(run) -> None:
     if sys.stderr.isatty():
         ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": float(o["batch_loss"])})
     else:  # logs and CI get plain lines instead of carriage-return redraws
+
         @trainer.on(Events.ITERATION_COMPLETED(every=run.log_every))
         def _log_loss(engine):
-            log.info("epoch %d iteration %d loss %.4f lr %s", engine.state.epoch, engine.state.iteration,
-                     float(engine.state.output["batch_loss"]), " ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups))
+            log.info(
+                "epoch %d iteration %d loss %.4f lr %s",
+                engine.state.epoch,
+                engine.state.iteration,
+                float(engine.state.output["batch_loss"]),
+                " ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups),
+            )
 
     first_logged = []  # a resumed run starts at its checkpoint's iteration, not at 1
 
@@ -386,7 +519,10 @@ def _attach_progress_logging(run) -> None:
             first_logged.append(True)
             log.info("first iteration %d started", engine.state.iteration)
 
-    @trainer.on(Events.ITERATION_COMPLETED(
-        event_filter=lambda engine, i: i == engine.state.max_epochs * engine.state.epoch_length))
+    @trainer.on(
+        Events.ITERATION_COMPLETED(
+            event_filter=lambda engine, i: i == engine.state.max_epochs * engine.state.epoch_length
+        )
+    )
     def _log_last_iteration(engine):
         log.info("last iteration %d completed", engine.state.iteration)

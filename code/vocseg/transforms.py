@@ -38,8 +38,9 @@ class RandomScaleCrop(DualTransform):
     aligned with the bilinear image); padding is bottom/right with ``fill`` / ``fill_mask``.
     """
 
-    def __init__(self, crop_size: int = 480, scale_range=(0.5, 2.0), fill: int = 0, fill_mask: int = IGNORE_INDEX,
-                 p: float = 1.0):
+    def __init__(
+        self, crop_size: int = 480, scale_range=(0.5, 2.0), fill: int = 0, fill_mask: int = IGNORE_INDEX, p: float = 1.0
+    ):
         super().__init__(p=p)
         self.crop_size, self.scale_range = int(crop_size), tuple(scale_range)
         self.fill, self.fill_mask = fill, fill_mask
@@ -48,12 +49,14 @@ class RandomScaleCrop(DualTransform):
         height, width = params["shape"][:2]
         scale = self.py_random.uniform(*self.scale_range)
         u_row, u_col = self.py_random.random(), self.py_random.random()
-        return {"rows": _crop_axis(height, scale, self.crop_size, u_row),
-                "cols": _crop_axis(width, scale, self.crop_size, u_col)}
+        return {
+            "rows": _crop_axis(height, scale, self.crop_size, u_row),
+            "cols": _crop_axis(width, scale, self.crop_size, u_col),
+        }
 
     def _crop(self, array: np.ndarray, rows, cols, interpolation: int, fill) -> np.ndarray:
         (top, height, out_h), (left, width, out_w) = rows, cols
-        array = array[top:top + height, left:left + width]
+        array = array[top : top + height, left : left + width]
         if (out_h, out_w) != (height, width):
             array = cv2.resize(array, (out_w, out_h), interpolation=interpolation)
         size = self.crop_size
@@ -72,5 +75,6 @@ class RandomScaleCrop(DualTransform):
 
 
 def train_transform(crop_size: int = 480, scale_range=(0.5, 2.0), hflip: float = 0.5) -> A.Compose:
-    return A.Compose([RandomScaleCrop(crop_size, scale_range, fill=0, fill_mask=IGNORE_INDEX),
-                      A.HorizontalFlip(p=hflip)])
+    return A.Compose(
+        [RandomScaleCrop(crop_size, scale_range, fill=0, fill_mask=IGNORE_INDEX), A.HorizontalFlip(p=hflip)]
+    )

@@ -11,6 +11,9 @@ def comparison_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tens
     rows = []
     for img, gt, pr in list(zip(images, masks, preds))[:max_rows]:
         img = img.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)
-        rows.append(np.concatenate([img, colorize(gt.cpu().numpy().astype(np.uint8)),
-                                    colorize(pr.cpu().numpy().astype(np.uint8))], axis=1))
+        rows.append(
+            np.concatenate(
+                [img, colorize(gt.cpu().numpy().astype(np.uint8)), colorize(pr.cpu().numpy().astype(np.uint8))], axis=1
+            )
+        )
     return np.concatenate(rows, axis=0)

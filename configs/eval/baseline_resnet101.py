@@ -16,8 +16,9 @@ data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=8)
 # output_stride = 16 and aux_loss = False.
 output_stride = 8
 aux_loss = True
-model = deeplabv3("resnet101", num_classes=21, aux_loss=aux_loss, pretrained_backbone=False,
-                  output_stride=output_stride)
+model = deeplabv3(
+    "resnet101", num_classes=21, aux_loss=aux_loss, pretrained_backbone=False, output_stride=output_stride
+)
 
 # A local .pt (best_model_*.pt or a training checkpoint) or a ClearML model id.
 weights_path = os.environ.get("WEIGHTS_PATH")

@@ -22,15 +22,26 @@ batch_size = 16
 num_workers = 8
 crop_size = 513
 train_loader, val_loader, train_eval_loader = get_dataloaders(
-    voc_root_from_env(), batch_size=batch_size, val_batch_size=8, num_workers=num_workers, crop_size=crop_size,
-    seed=seed, train_eval_num_samples=500,
+    voc_root_from_env(),
+    batch_size=batch_size,
+    val_batch_size=8,
+    num_workers=num_workers,
+    crop_size=crop_size,
+    seed=seed,
+    train_eval_num_samples=500,
 )
 
 # Model: output stride 16 (ASPP rates 6, 12, 18), no auxiliary head, BatchNorm decay 0.9997, as the paper.
 num_classes = 21
 output_stride = 16
-model = deeplabv3("resnet101", num_classes=num_classes, aux_loss=False, pretrained_backbone=True,
-                  output_stride=output_stride, bn_momentum=1 - 0.9997)
+model = deeplabv3(
+    "resnet101",
+    num_classes=num_classes,
+    aux_loss=False,
+    pretrained_backbone=True,
+    output_stride=output_stride,
+    bn_momentum=1 - 0.9997,
+)
 criterion = DeepLabLoss()
 
 # Optimisation: 30k iterations of SGD, one learning rate for every parameter, poly(0.9) per step.

@@ -21,15 +21,22 @@ batch_size = 16
 num_workers = 8
 crop_size = 512
 train_loader, val_loader, train_eval_loader = get_dataloaders(
-    voc_root_from_env(), sbd_root_from_env(), batch_size=batch_size, val_batch_size=8, num_workers=num_workers,
-    crop_size=crop_size, seed=seed, train_eval_num_samples=500,
+    voc_root_from_env(),
+    sbd_root_from_env(),
+    batch_size=batch_size,
+    val_batch_size=8,
+    num_workers=num_workers,
+    crop_size=crop_size,
+    seed=seed,
+    train_eval_num_samples=500,
 )
 
 # Model: output stride 8, auxiliary FCN head on layer3 weighted 0.4, as the anchor.
 num_classes = 21
 output_stride = 8
-model = deeplabv3("resnet101", num_classes=num_classes, aux_loss=True, pretrained_backbone=True,
-                  output_stride=output_stride)
+model = deeplabv3(
+    "resnet101", num_classes=num_classes, aux_loss=True, pretrained_backbone=True, output_stride=output_stride
+)
 criterion = DeepLabLoss(aux_weight=0.4)
 
 # Optimisation: 20k iterations of SGD, one learning rate for every parameter, poly(0.9) per step.

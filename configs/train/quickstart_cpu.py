@@ -15,8 +15,13 @@ batch_size = 8
 num_workers = 2
 crop_size = 96
 train_loader, val_loader, train_eval_loader = get_dataloaders(
-    voc_root_from_env(), batch_size=batch_size, val_batch_size=16, num_workers=num_workers, crop_size=crop_size,
-    seed=seed, train_eval_num_samples=50,
+    voc_root_from_env(),
+    batch_size=batch_size,
+    val_batch_size=16,
+    num_workers=num_workers,
+    crop_size=crop_size,
+    seed=seed,
+    train_eval_num_samples=50,
 )
 
 num_classes = 21

@@ -15,12 +15,21 @@ amp = "off"
 batch_size = int(os.environ.get("TINY_BATCH_SIZE", 4))
 num_workers = int(os.environ.get("TINY_WORKERS", 0))
 train_loader, val_loader, train_eval_loader = get_dataloaders(
-    voc_root_from_env(), batch_size=batch_size, val_batch_size=4, num_workers=num_workers, crop_size=64,
-    seed=seed, train_eval_num_samples=6,
+    voc_root_from_env(),
+    batch_size=batch_size,
+    val_batch_size=4,
+    num_workers=num_workers,
+    crop_size=64,
+    seed=seed,
+    train_eval_num_samples=6,
 )
 num_classes = 21
-model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=bool(int(os.environ.get("TINY_PRETRAINED", 0))),
-                  bn_momentum=0.1)
+model = deeplabv3(
+    "mobilenet_v3_large",
+    aux_loss=False,
+    pretrained_backbone=bool(int(os.environ.get("TINY_PRETRAINED", 0))),
+    bn_momentum=0.1,
+)
 
 
 class NaNAfter(torch.nn.Module):

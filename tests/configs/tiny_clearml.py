@@ -15,8 +15,14 @@ batch_size = 4
 num_workers = 0
 crop_size = 64
 train_loader, val_loader, train_eval_loader = get_dataloaders(
-    voc_root_from_env(), batch_size=batch_size, val_batch_size=4, num_workers=num_workers, crop_size=crop_size,
-    seed=seed, train_eval_num_samples=4, limit_train_num_samples=8,
+    voc_root_from_env(),
+    batch_size=batch_size,
+    val_batch_size=4,
+    num_workers=num_workers,
+    crop_size=crop_size,
+    seed=seed,
+    train_eval_num_samples=4,
+    limit_train_num_samples=8,
     limit_val_num_samples=4,
 )
 

@@ -19,13 +19,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from online import ROOT, task_id_of, train
 
 SERVER_VARS = ("CLEARML_API_HOST", "CLEARML_FILES_HOST", "CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")
-HOW = ("point the online suite at a ClearML server: `eval \"$(../shared/clearml-server/clearml-local start "
-       "/tmp/cml)\"` (a throwaway local one), or export CLEARML_CONFIG_FILE=<clearml.conf>, or all of "
-       + "/".join(SERVER_VARS))
+HOW = (
+    'point the online suite at a ClearML server: `eval "$(../shared/clearml-server/clearml-local start '
+    '/tmp/cml)"` (a throwaway local one), or export CLEARML_CONFIG_FILE=<clearml.conf>, or all of '
+    + "/".join(SERVER_VARS)
+)
 _TUNED = {}  # the suite's copy of the configuration (see pytest_configure)
 
 
@@ -74,10 +75,8 @@ def pytest_unconfigure(config):
 def server_env():
     """The environment of every process the suite starts: the server, no stray ClearML/queue settings, CI=true
     (Ignite's ClearML handlers would bypass the server under CI unless the project overrides that)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CLEARML_", "TRAINS_")) or k in SERVER_VARS}
-    env.update(CLEARML_CONFIG_FILE=str(_TUNED["conf"]), HOME=str(_TUNED["home"]), CI="true",
-               PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_")) or k in SERVER_VARS}
+    env.update(CLEARML_CONFIG_FILE=str(_TUNED["conf"]), HOME=str(_TUNED["home"]), CI="true", PYTHONUNBUFFERED="1")
     return env
 
 
@@ -93,16 +92,30 @@ def origin(tmp_path_factory):
     bare = tmp / "origin.git"
     _git("init", "-q", "--bare", "--initial-branch=main", str(bare), cwd=tmp)
     # A private index, so neither the real index nor the working tree is touched.
-    env = {**os.environ, "GIT_INDEX_FILE": str(tmp / "index"), "GIT_AUTHOR_NAME": "online suite",
-           "GIT_AUTHOR_EMAIL": "suite@localhost", "GIT_COMMITTER_NAME": "online suite",
-           "GIT_COMMITTER_EMAIL": "suite@localhost"}
-    has_head = subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+    env = {
+        **os.environ,
+        "GIT_INDEX_FILE": str(tmp / "index"),
+        "GIT_AUTHOR_NAME": "online suite",
+        "GIT_AUTHOR_EMAIL": "suite@localhost",
+        "GIT_COMMITTER_NAME": "online suite",
+        "GIT_COMMITTER_EMAIL": "suite@localhost",
+    }
+    has_head = (
+        subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+    )
     if has_head:
         _git("read-tree", "HEAD", cwd=ROOT, env=env)
     _git("add", "-A", ".", cwd=ROOT, env=env)
     tree = _git("write-tree", cwd=ROOT, env=env)
-    commit = _git("commit-tree", tree, *(["-p", "HEAD"] if has_head else []), "-m", "online suite: working tree",
-                  cwd=ROOT, env=env)
+    commit = _git(
+        "commit-tree",
+        tree,
+        *(["-p", "HEAD"] if has_head else []),
+        "-m",
+        "online suite: working tree",
+        cwd=ROOT,
+        env=env,
+    )
     _git("push", "-q", str(bare), f"{commit}:refs/heads/main", cwd=ROOT)
     yield bare
     shutil.rmtree(tmp, ignore_errors=True)
@@ -121,8 +134,11 @@ def checkout(origin, tmp_path_factory):
 @pytest.fixture(scope="session")
 def agent_env(server_env, tmp_path_factory):
     """An agent that reuses this venv instead of building one from the task's requirements."""
-    return {**server_env, "CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL": "1",
-            "CLEARML_AGENT_SKIP_PIP_VENV_INSTALL": sys.executable}
+    return {
+        **server_env,
+        "CLEARML_AGENT_SKIP_PYTHON_ENV_INSTALL": "1",
+        "CLEARML_AGENT_SKIP_PIP_VENV_INSTALL": sys.executable,
+    }
 
 
 @pytest.fixture(scope="session")

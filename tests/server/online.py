@@ -32,8 +32,11 @@ def scalar_events(task):
 
     found, scroll_id = [], None
     while True:
-        response = task.send(events.GetTaskEventsRequest(task=task.id, event_type="training_stats_scalar",
-                                                         scroll_id=scroll_id, batch_size=1000)).response
+        response = task.send(
+            events.GetTaskEventsRequest(
+                task=task.id, event_type="training_stats_scalar", scroll_id=scroll_id, batch_size=1000
+            )
+        ).response
         batch = response.events or []
         found += [(e["metric"], e["variant"], e["iter"], e["value"]) for e in batch]
         if len(batch) < 1000 or not response.scroll_id:

@@ -8,9 +8,19 @@ import sys
 import uuid
 
 import pytest
-
-from online import (AGENT, agent_execute, clone_of, console_text, iterations_of, poly_lr, run, scalar_events, task_id_of,
-                    train, wait_for_status)
+from online import (
+    AGENT,
+    agent_execute,
+    clone_of,
+    console_text,
+    iterations_of,
+    poly_lr,
+    run,
+    scalar_events,
+    task_id_of,
+    train,
+    wait_for_status,
+)
 
 CONFIG = "tests/configs/tiny_clearml.py"
 
@@ -33,28 +43,43 @@ def test_run_outside_a_checkout_says_once_that_agents_cannot_run_it(checkout, se
     APIClient().queues.create(name=queue)
     elsewhere = tmp_path / "not-a-checkout"
     elsewhere.mkdir()
-    proc = run([sys.executable, "-m", "py_config_runner", str(checkout / "code/scripts/training.py"),
-                str(checkout / CONFIG)], {**server_env, "CLEARML_OUTPUT_PATH": str(tmp_path / "out"),
-                                          "DATASET_PATH": str(synthetic_voc), "CLEARML_QUEUE": queue}, elsewhere)
+    proc = run(
+        [sys.executable, "-m", "py_config_runner", str(checkout / "code/scripts/training.py"), str(checkout / CONFIG)],
+        {
+            **server_env,
+            "CLEARML_OUTPUT_PATH": str(tmp_path / "out"),
+            "DATASET_PATH": str(synthetic_voc),
+            "CLEARML_QUEUE": queue,
+        },
+        elsewhere,
+    )
     assert proc.returncode == 0, proc.output[-4000:]
     task = Task.get_task(task_id_of(proc.output))
     try:
-        assert proc.output.count("not inside a git checkout: the task records no repository, so clones of it "
-                                 "cannot be run by an agent") == 1
+        assert (
+            proc.output.count(
+                "not inside a git checkout: the task records no repository, so clones of it cannot be run by an agent"
+            )
+            == 1
+        )
         assert task.data.script.repository == "" and task.data.script.version_num == ""
     finally:
         Task.dequeue(task)
         task.mark_stopped(force=True)
 
 
-def test_clone_with_edited_hyperparameters_trains_with_the_edits(online_run, checkout, agent_env, synthetic_voc,
-                                                                  tmp_path):
+def test_clone_with_edited_hyperparameters_trains_with_the_edits(
+    online_run, checkout, agent_env, synthetic_voc, tmp_path
+):
     from clearml import Task
 
     # 8 training samples: batch_size 8 makes 1 iteration per epoch, so 3 epochs are 3 optimizer steps.
     clone = clone_of(online_run["id"], "tiny_clearml edited", learning_rate=0.05, batch_size=8, num_epochs=3)
-    proc = agent_execute(clone.id, {**agent_env, "DATASET_PATH": str(synthetic_voc),
-                                    "CLEARML_OUTPUT_PATH": str(tmp_path / "out")}, tmp_path)
+    proc = agent_execute(
+        clone.id,
+        {**agent_env, "DATASET_PATH": str(synthetic_voc), "CLEARML_OUTPUT_PATH": str(tmp_path / "out")},
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.output[-4000:]
     task = Task.get_task(clone.id)
     assert task.get_status() == "completed"
@@ -68,15 +93,22 @@ def test_clone_with_edited_hyperparameters_trains_with_the_edits(online_run, che
     assert "train images 8 (1 iterations/epoch/process)" in log
 
 
-def test_queued_run_exits_at_once_and_an_agent_daemon_completes_it(checkout, server_env, agent_env, synthetic_voc,
-                                                                   tmp_path):
+def test_queued_run_exits_at_once_and_an_agent_daemon_completes_it(
+    checkout, server_env, agent_env, synthetic_voc, tmp_path
+):
     from clearml import Task
 
     queue = f"vocseg-suite-{uuid.uuid4().hex[:8]}"
     data = {"DATASET_PATH": str(synthetic_voc), "CLEARML_OUTPUT_PATH": str(tmp_path / "agent_out")}
     log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([AGENT, "daemon", "--queue", queue, "--create-queue", "--cpu-only"], cwd=tmp_path,
-                              env={**agent_env, **data}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = subprocess.Popen(
+        [AGENT, "daemon", "--queue", queue, "--create-queue", "--cpu-only"],
+        cwd=tmp_path,
+        env={**agent_env, **data},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         local_out = tmp_path / "local_out"
         proc = train(checkout, server_env, local_out, DATASET_PATH=str(synthetic_voc), CLEARML_QUEUE=queue)
@@ -97,5 +129,3 @@ def test_queued_run_exits_at_once_and_an_agent_daemon_completes_it(checkout, ser
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait()
         log.close()
-
-

@@ -1,12 +1,10 @@
 """What a clone may change, run by a real clearml-agent: the config file's text (then Config/* on top), the
 number of processes; and the container an enqueued task asks for."""
 
-import subprocess
 import uuid
 from collections import Counter
 
 import pytest
-
 from online import agent_execute, clone_of, console_text, iterations_of, poly_lr, scalar_events, task_id_of, train
 
 CONFIG = "tests/configs/tiny_clearml.py"
@@ -15,8 +13,11 @@ CONFIG = "tests/configs/tiny_clearml.py"
 def run_clone(clone, agent_env, synthetic_voc, tmp_path):
     from clearml import Task
 
-    proc = agent_execute(clone.id, {**agent_env, "DATASET_PATH": str(synthetic_voc),
-                                    "CLEARML_OUTPUT_PATH": str(tmp_path / "out")}, tmp_path)
+    proc = agent_execute(
+        clone.id,
+        {**agent_env, "DATASET_PATH": str(synthetic_voc), "CLEARML_OUTPUT_PATH": str(tmp_path / "out")},
+        tmp_path,
+    )
     return proc, Task.get_task(clone.id)
 
 
@@ -25,8 +26,12 @@ def test_edited_config_text_runs_with_config_edits_on_top(online_run, checkout, 
     assert "num_epochs = 2\n" in text and "learning_rate = 0.01\n" in text
     clone = clone_of(online_run["id"], "tiny_clearml text edit", batch_size=8, learning_rate=0.04)
     # In the text: 3 epochs and another learning rate, which the Config/learning_rate edit overrides.
-    clone.set_configuration_object("config", config_text=text.replace("num_epochs = 2\n", "num_epochs = 3\n")
-                                   .replace("learning_rate = 0.01\n", "learning_rate = 0.03\n"))
+    clone.set_configuration_object(
+        "config",
+        config_text=text.replace("num_epochs = 2\n", "num_epochs = 3\n").replace(
+            "learning_rate = 0.01\n", "learning_rate = 0.03\n"
+        ),
+    )
     proc, task = run_clone(clone, agent_env, synthetic_voc, tmp_path)
     assert proc.returncode == 0, proc.output[-4000:]
     assert task.get_status() == "completed"
@@ -45,9 +50,11 @@ def test_unparsable_config_text_stops_with_one_line_naming_the_task(online_run, 
     proc, task = run_clone(clone, agent_env, synthetic_voc, tmp_path)
     assert proc.returncode != 0
     lines = [line for line in proc.output.splitlines() if line.startswith("error: ")]
-    assert lines == [f"error: task {clone.id} (tiny_clearml broken text): the edited configuration object 'config' "
-                     "does not parse (line 1: '(' was never closed): fix its text in the task, or clone the "
-                     "original again"]
+    assert lines == [
+        f"error: task {clone.id} (tiny_clearml broken text): the edited configuration object 'config' "
+        "does not parse (line 1: '(' was never closed): fix its text in the task, or clone the "
+        "original again"
+    ]
     assert "Traceback" not in proc.output and "train images" not in proc.output
     assert task.get_status() == "failed"
 
@@ -57,13 +64,16 @@ def test_ill_typed_hyperparameter_stops_with_one_line_naming_the_task(online_run
     proc, task = run_clone(clone, agent_env, synthetic_voc, tmp_path)
     assert proc.returncode != 0
     lines = [line for line in proc.output.splitlines() if line.startswith("error: ")]
-    assert lines == [f"error: task {clone.id} (tiny_clearml bad edit): hyperparameter Config/batch_size='eight' is "
-                     "not a valid int (config value 4): fix it in the task"]
+    assert lines == [
+        f"error: task {clone.id} (tiny_clearml bad edit): hyperparameter Config/batch_size='eight' is "
+        "not a valid int (config value 4): fix it in the task"
+    ]
     assert "Traceback" not in proc.output and task.get_status() == "failed"
 
 
-def test_clone_with_nproc_per_node_2_trains_in_two_processes_as_one_task(online_run, checkout, agent_env,
-                                                                        synthetic_voc, tmp_path):
+def test_clone_with_nproc_per_node_2_trains_in_two_processes_as_one_task(
+    online_run, checkout, agent_env, synthetic_voc, tmp_path
+):
     clone = clone_of(online_run["id"], "tiny_clearml two processes")
     clone.set_configuration_object("config", config_text=(checkout / CONFIG).read_text() + "nproc_per_node = 2\n")
     proc, task = run_clone(clone, agent_env, synthetic_voc, tmp_path)
@@ -76,16 +86,23 @@ def test_clone_with_nproc_per_node_2_trains_in_two_processes_as_one_task(online_
     assert iterations_of(events)[("train", "batch_loss")] == [1, 2, 3, 4]
 
 
-def test_docker_image_and_shared_memory_argument_are_stored_on_the_enqueued_task(checkout, server_env,
-                                                                                 synthetic_voc, tmp_path):
+def test_docker_image_and_shared_memory_argument_are_stored_on_the_enqueued_task(
+    checkout, server_env, synthetic_voc, tmp_path
+):
     from clearml import Task
     from clearml.backend_api.session.client import APIClient
 
     queue = f"vocseg-docker-{uuid.uuid4().hex[:8]}"  # no agent serves it: only what is stored is checked
     APIClient().queues.create(name=queue)
     image = "nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04"
-    proc = train(checkout, server_env, tmp_path / "out", DATASET_PATH=str(synthetic_voc), CLEARML_QUEUE=queue,
-                 CLEARML_DOCKER_IMAGE=image)
+    proc = train(
+        checkout,
+        server_env,
+        tmp_path / "out",
+        DATASET_PATH=str(synthetic_voc),
+        CLEARML_QUEUE=queue,
+        CLEARML_DOCKER_IMAGE=image,
+    )
     assert proc.returncode == 0, proc.output[-4000:]
     task = Task.get_task(task_id_of(proc.output))
     try:

@@ -6,7 +6,6 @@ import sys
 import uuid
 
 import pytest
-
 from online import run, task_id_of, train
 
 from vocseg import clearml_data
@@ -22,8 +21,11 @@ def project():
 
 @pytest.fixture(scope="module")
 def uploaded(project, checkout, server_env, synthetic_voc):
-    proc = run([sys.executable, UPLOAD, str(synthetic_voc), "--sbd", str(synthetic_voc / "SBD"), "--project", project],
-               server_env, checkout)
+    proc = run(
+        [sys.executable, UPLOAD, str(synthetic_voc), "--sbd", str(synthetic_voc / "SBD"), "--project", project],
+        server_env,
+        checkout,
+    )
     assert proc.returncode == 0, proc.output[-4000:]
     exports = dict(line.split()[1].split("=", 1) for line in proc.stdout.splitlines() if line.startswith("export "))
     assert set(exports) == {"DATASET_PATH", "SBD_DATASET_PATH"}
@@ -32,8 +34,11 @@ def uploaded(project, checkout, server_env, synthetic_voc):
 
 
 def test_upload_rerun_on_unchanged_data_reuses_the_version(uploaded, project, checkout, server_env, synthetic_voc):
-    proc = run([sys.executable, UPLOAD, str(synthetic_voc), "--sbd", str(synthetic_voc / "SBD"), "--project", project],
-               server_env, checkout)
+    proc = run(
+        [sys.executable, UPLOAD, str(synthetic_voc), "--sbd", str(synthetic_voc / "SBD"), "--project", project],
+        server_env,
+        checkout,
+    )
     assert proc.returncode == 0, proc.output[-4000:]
     assert f"{project}/VOC2012: unchanged: reusing version 1.0.0" in proc.stdout
     assert f"export DATASET_PATH={uploaded['DATASET_PATH']}" in proc.stdout
@@ -47,7 +52,7 @@ def test_changed_data_makes_a_child_version(uploaded, project, tmp_path, synthet
     shutil.copytree(synthetic_voc / "VOCdevkit", changed / "VOCdevkit")
     (changed / "VOCdevkit" / "VOC2012" / "extra.txt").write_text("one more file\n")
     result = clearml_data.upload(changed, "voc", "VOC2012", project)
-    first = uploaded["DATASET_PATH"][len("clearml://"):]
+    first = uploaded["DATASET_PATH"][len("clearml://") :]
     assert not result.reused and result.version == "1.0.1" and result.id != first
     child = Dataset.get(dataset_id=result.id)
     assert child.get_dependency_graph()[result.id] == [first]
@@ -59,13 +64,14 @@ def test_changed_data_makes_a_child_version(uploaded, project, tmp_path, synthet
     assert (newest / "VOCdevkit" / "VOC2012" / "extra.txt").read_text() == "one more file\n"
 
 
-def test_training_from_clearml_records_the_dataset_and_matches_the_local_folder(uploaded, online_run, checkout,
-                                                                                server_env, tmp_path):
+def test_training_from_clearml_records_the_dataset_and_matches_the_local_folder(
+    uploaded, online_run, checkout, server_env, tmp_path
+):
     from clearml import Task
 
     proc = train(checkout, server_env, tmp_path / "out", DATASET_PATH=uploaded["DATASET_PATH"])
     assert proc.returncode == 0, proc.output[-4000:]
-    dataset_id = uploaded["DATASET_PATH"][len("clearml://"):]
+    dataset_id = uploaded["DATASET_PATH"][len("clearml://") :]
     assert f"DATASET_PATH={uploaded['DATASET_PATH']}: ClearML dataset {dataset_id}" in proc.output
     task = Task.get_task(task_id_of(proc.output))
     assert task.get_status() == "completed"
@@ -77,11 +83,14 @@ def test_training_from_clearml_records_the_dataset_and_matches_the_local_folder(
     assert from_clearml["val"]["IoU"] == from_folder["val"]["IoU"]
 
 
-@pytest.mark.parametrize("address, message", [
-    ("clearml://0123456789abcdef0123456789abcdef", "no such finalised ClearML dataset"),
-    ("clearml://vocseg online suite/no such project/VOC2012", "no such finalised ClearML dataset"),
-    ("clearml://VOC2012", "is not a dataset address"),
-])
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("clearml://0123456789abcdef0123456789abcdef", "no such finalised ClearML dataset"),
+        ("clearml://vocseg online suite/no such project/VOC2012", "no such finalised ClearML dataset"),
+        ("clearml://VOC2012", "is not a dataset address"),
+    ],
+)
 def test_unknown_datasets_are_one_line_errors(address, message):
     with pytest.raises(UserError, match=message) as raised:
         clearml_data.local_copy(address, "DATASET_PATH", "voc")

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
 from online import console_text, iterations_of, poly_lr, run, scalar_events, task_id_of, train
+from PIL import Image
 
 PROJECT = "Pascal-VOC12 Training"
 CONFIG = "tests/configs/tiny_clearml.py"
@@ -29,8 +28,7 @@ def test_online_run_records_everything_on_the_server(online_run, checkout):
     assert (params["learning_rate"], params["batch_size"], params["num_epochs"]) == ("0.01", "4", "2")
     assert task.get_configuration_object("config") == (checkout / CONFIG).read_text()
     assert open(task.artifacts["config"].get_local_copy()).read() == (checkout / CONFIG).read_text()
-    assert open(task.artifacts["script"].get_local_copy()).read() == \
-        (checkout / "code/scripts/training.py").read_text()
+    assert open(task.artifacts["script"].get_local_copy()).read() == (checkout / "code/scripts/training.py").read_text()
 
     # 8 training samples in batches of 4 for 2 epochs: iterations 1-4; validation after each epoch.
     events = scalar_events(task)
@@ -66,15 +64,24 @@ def test_online_run_records_everything_on_the_server(online_run, checkout):
     assert isinstance(torch.load(weights, map_location="cpu", weights_only=True), dict)
 
 
-def test_evaluation_fetches_the_model_by_id_and_reproduces_val_miou(online_run, checkout, server_env, synthetic_voc,
-                                                                    tmp_path):
+def test_evaluation_fetches_the_model_by_id_and_reproduces_val_miou(
+    online_run, checkout, server_env, synthetic_voc, tmp_path
+):
     from clearml import Task
 
     model_id = Task.get_task(online_run["id"]).models["output"][-1].id
-    env = {**server_env, "CLEARML_OUTPUT_PATH": str(tmp_path / "out"), "DATASET_PATH": str(synthetic_voc),
-           "WEIGHTS_PATH": model_id, "TINY_VAL_LIMIT": "4"}
-    proc = run([sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py", "tests/configs/tiny_eval.py"],
-               env, checkout)
+    env = {
+        **server_env,
+        "CLEARML_OUTPUT_PATH": str(tmp_path / "out"),
+        "DATASET_PATH": str(synthetic_voc),
+        "WEIGHTS_PATH": model_id,
+        "TINY_VAL_LIMIT": "4",
+    }
+    proc = run(
+        [sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py", "tests/configs/tiny_eval.py"],
+        env,
+        checkout,
+    )
     assert proc.returncode == 0, proc.output[-4000:]
     trained = json.loads((online_run["run_dir"] / "metrics.json").read_text())
     evaluated = json.loads(next((tmp_path / "out" / "tiny_eval").glob("*/metrics.json")).read_text())

@@ -10,7 +10,16 @@ import time
 import uuid
 from pathlib import Path
 
-from online import AGENT, agent_execute, clone_of, console_text, iterations_of, scalar_events, task_id_of, wait_for_status
+from online import (
+    AGENT,
+    agent_execute,
+    clone_of,
+    console_text,
+    iterations_of,
+    scalar_events,
+    task_id_of,
+    wait_for_status,
+)
 
 CONFIG = "tests/configs/tiny_clearml.py"
 TRAIN = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", CONFIG]
@@ -24,14 +33,20 @@ def values_of(task) -> dict:
     return values
 
 
-def test_a_stopped_run_started_again_in_its_folder_continues_its_task(online_run, checkout, server_env,
-                                                                      synthetic_voc, tmp_path):
+def test_a_stopped_run_started_again_in_its_folder_continues_its_task(
+    online_run, checkout, server_env, synthetic_voc, tmp_path
+):
     """As a SLURM job sees itself (its id names the run folder), USR1-stopped, then requeued; no cluster needed:
     the SLURM suite runs the real requeue without a server."""
     from clearml import Task
 
-    env = {**server_env, "CLEARML_OUTPUT_PATH": str(tmp_path / "out"), "DATASET_PATH": str(synthetic_voc),
-           "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"}
+    env = {
+        **server_env,
+        "CLEARML_OUTPUT_PATH": str(tmp_path / "out"),
+        "DATASET_PATH": str(synthetic_voc),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_RESTART_COUNT": "0",
+    }
     proc = subprocess.Popen(TRAIN, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -47,8 +62,9 @@ def test_a_stopped_run_started_again_in_its_folder_continues_its_task(online_run
     held = Task.get_task(task_id).artifacts["training_checkpoint"]
     assert held.metadata["iteration"] == stopped_at and Path(held.url).name == f"training_checkpoint_{stopped_at}.pt"
 
-    again = subprocess.run(TRAIN, cwd=checkout, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(
+        TRAIN, cwd=checkout, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True, timeout=300
+    )
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-4000:]
     assert f"continuing task {task_id}, recorded in the run folder" in output and "created new task" not in output
@@ -69,8 +85,9 @@ def _task_processes(task_id) -> list:
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and f"CLEARML_TASK_ID={task_id}".encode() in \
-                    (proc / "environ").read_bytes().split(b"\0"):
+            if proc.name.isdigit() and f"CLEARML_TASK_ID={task_id}".encode() in (proc / "environ").read_bytes().split(
+                b"\0"
+            ):
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -81,8 +98,10 @@ def _vanish(daemon, task_id) -> list:
     """SIGKILL the agent daemon's process group and every process running the task (the agent may start it in
     a session of its own): a spot instance vanishing. Returns the task's pids that were running."""
     running = _task_processes(task_id)
-    for kill in (lambda: os.killpg(daemon.pid, signal.SIGKILL), *(lambda p=p: os.kill(p, signal.SIGKILL)
-                                                                    for p in running)):
+    for kill in (
+        lambda: os.killpg(daemon.pid, signal.SIGKILL),
+        *(lambda p=p: os.kill(p, signal.SIGKILL) for p in running),
+    ):
         try:
             kill()
         except ProcessLookupError:
@@ -93,8 +112,14 @@ def _vanish(daemon, task_id) -> list:
 
 def _start_daemon(queue, env, folder):
     log = open(folder / "daemon.log", "w")
-    return subprocess.Popen([AGENT, "daemon", "--queue", queue, "--create-queue", "--cpu-only"], cwd=folder, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [AGENT, "daemon", "--queue", queue, "--create-queue", "--cpu-only"],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop_daemon(daemon):
@@ -108,8 +133,9 @@ def _stop_daemon(daemon):
         daemon.wait()
 
 
-def test_a_task_whose_agent_vanished_continues_on_another_agent(online_run, checkout, agent_env, synthetic_voc,
-                                                                tmp_path):
+def test_a_task_whose_agent_vanished_continues_on_another_agent(
+    online_run, checkout, agent_env, synthetic_voc, tmp_path
+):
     from clearml import Task
     from clearml.backend_api.session.client import APIClient
 
@@ -125,8 +151,9 @@ def test_a_task_whose_agent_vanished_continues_on_another_agent(online_run, chec
     APIClient().queues.create(name=queue)
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-    first = _start_daemon(queue, {**agent_env, **data, "CLEARML_OUTPUT_PATH": str(tmp_path / "first" / "out")},
-                          tmp_path / "first")
+    first = _start_daemon(
+        queue, {**agent_env, **data, "CLEARML_OUTPUT_PATH": str(tmp_path / "first" / "out")}, tmp_path / "first"
+    )
     try:
         Task.enqueue(spot, queue_name=queue)
         deadline, held = time.monotonic() + 300, None
@@ -146,8 +173,9 @@ def test_a_task_whose_agent_vanished_continues_on_another_agent(online_run, chec
     # What a user does in the web UI: abort the orphaned task, enqueue it again; another machine takes it.
     task.mark_stopped(force=True)
     Task.enqueue(task, queue_name=queue)
-    second = _start_daemon(queue, {**agent_env, **data, "CLEARML_OUTPUT_PATH": str(tmp_path / "second" / "out")},
-                           tmp_path / "second")
+    second = _start_daemon(
+        queue, {**agent_env, **data, "CLEARML_OUTPUT_PATH": str(tmp_path / "second" / "out")}, tmp_path / "second"
+    )
     try:
         status = wait_for_status(Task.get_task(spot.id), wanted=("completed", "failed"))
         assert status == "completed", (tmp_path / "second" / "daemon.log").read_text()[-4000:]

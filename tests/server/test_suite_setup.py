@@ -6,8 +6,12 @@ from online import ROOT
 
 
 def listed(folder):
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=folder,
-                         check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+    ).stdout
     return sorted(p for p in out.decode().split("\0") if p and (folder / p).is_file())
 
 

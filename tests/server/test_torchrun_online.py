@@ -15,8 +15,14 @@ def test_torchrun_two_processes_make_one_task_with_each_metric_once(checkout, se
         return {t.id for t in Task.get_tasks(project_name="Pascal-VOC12 Training", task_name="tiny_clearml")}
 
     before = tiny_tasks()
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}")
+    launcher = (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    )
     proc = train(checkout, server_env, tmp_path / "out", launcher=launcher, DATASET_PATH=str(synthetic_voc))
     assert proc.returncode == 0, proc.output[-4000:]
     task_id = task_id_of(proc.output)  # exactly one "created new task" among both ranks' output
@@ -38,18 +44,33 @@ def test_torchrun_restart_continues_the_same_task(checkout, server_env, syntheti
     uninterrupted run, each once."""
     import psutil
     from clearml import Task
-
     from test_preemption_online import values_of
 
     def torchrun(*extra):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}", *extra, "-m", "py_config_runner", "code/scripts/training.py",
-                "tests/configs/tiny.py"]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            *extra,
+            "-m",
+            "py_config_runner",
+            "code/scripts/training.py",
+            "tests/configs/tiny.py",
+        ]
 
     env = {**server_env, "DATASET_PATH": str(synthetic_voc), "TINY_SAVE_EVERY": "2"}
     out = tmp_path / "restarted"
-    launcher = subprocess.Popen(torchrun("--max-restarts=2"), cwd=checkout, env={**env, "CLEARML_OUTPUT_PATH": str(out)},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        torchrun("--max-restarts=2"),
+        cwd=checkout,
+        env={**env, "CLEARML_OUTPUT_PATH": str(out)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("tiny/*/checkpoints/training_checkpoint_4.pt")):
         time.sleep(0.05)
@@ -62,8 +83,15 @@ def test_torchrun_restart_continues_the_same_task(checkout, server_env, syntheti
     (run_dir,) = (out / "tiny").iterdir()
     assert "resumed from " in output and (run_dir / "clearml_task_id").read_text() == task_id
 
-    reference = train(checkout, server_env, tmp_path / "reference", config="tests/configs/tiny.py",
-                      launcher=tuple(torchrun()[:6]), DATASET_PATH=str(synthetic_voc), TINY_SAVE_EVERY="2")
+    reference = train(
+        checkout,
+        server_env,
+        tmp_path / "reference",
+        config="tests/configs/tiny.py",
+        launcher=tuple(torchrun()[:6]),
+        DATASET_PATH=str(synthetic_voc),
+        TINY_SAVE_EVERY="2",
+    )
     assert reference.returncode == 0, reference.output[-4000:]
     task = Task.get_task(task_id)
     assert task.get_status() == "completed"

@@ -9,8 +9,10 @@ import subprocess
 
 import pytest
 
-HOW = ("start a cluster first: `eval \"$(../shared/slurm-local/slurm-local start /tmp/slurm)\"` (a throwaway "
-       "one-node cluster on this machine), or run on a machine where `sinfo` reaches yours")
+HOW = (
+    'start a cluster first: `eval "$(../shared/slurm-local/slurm-local start /tmp/slurm)"` (a throwaway '
+    "one-node cluster on this machine), or run on a machine where `sinfo` reaches yours"
+)
 
 
 def pytest_configure(config):

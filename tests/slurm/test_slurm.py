@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,8 +16,11 @@ TRAIN = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", T
 
 
 def env_for(data, out, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TINY_", "CLEARML", "RESUME_FROM", "RUN_NAME",
-                                                                    "TORCHELASTIC", "SLURM_JOB", "SLURM_STEP"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TINY_", "CLEARML", "RESUME_FROM", "RUN_NAME", "TORCHELASTIC", "SLURM_JOB", "SLURM_STEP"))
+    }
     env.update(DATASET_PATH=str(data), OUTPUT_PATH=str(out), OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -44,15 +46,26 @@ def job_state(job):
 
 
 def test_srun_two_tasks_match_torchrun_two_processes(synthetic_voc, tmp_path):
-    srun = subprocess.run(["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN], cwd=ROOT,
-                          env=env_for(synthetic_voc, tmp_path / "srun"), capture_output=True, text=True, timeout=600)
+    srun = subprocess.run(
+        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
+        cwd=ROOT,
+        env=env_for(synthetic_voc, tmp_path / "srun"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert srun.returncode == 0, srun.stderr[-3000:]
     assert "world size 2" in srun.stderr
     run_dir, by_srun = metrics(tmp_path / "srun")
     assert run_dir.name.startswith("slurm-")  # the run is named after its job
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *TRAIN[1:]],
-                              cwd=ROOT, env=env_for(synthetic_voc, tmp_path / "torchrun"), capture_output=True,
-                              text=True, timeout=600)
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *TRAIN[1:]],
+        cwd=ROOT,
+        env=env_for(synthetic_voc, tmp_path / "torchrun"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     _, by_torchrun = metrics(tmp_path / "torchrun")
     assert by_srun["completed"] and by_srun["iteration"] == by_torchrun["iteration"] == 12  # 6 per epoch
@@ -64,9 +77,26 @@ def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupt
     # No periodic checkpoint before the end: the run can only continue from the one USR1 asked for.
     env = env_for(synthetic_voc, tmp_path / "job", TINY_SAVE_EVERY="100", VOCSEG_PYTHON=sys.executable)
     log = tmp_path / "job.out"
-    job = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--cpus-per-task=1", f"--output={log}",
-                          "experiments/slurm/train.sbatch", TINY], cwd=ROOT, env=env, capture_output=True, text=True,
-                         check=True).stdout.strip().split(";")[0]
+    job = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--ntasks=1",
+                "--cpus-per-task=1",
+                f"--output={log}",
+                "experiments/slurm/train.sbatch",
+                TINY,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     try:
         wait_for(lambda: log.is_file() and " iteration 2 loss " in log.read_text(), 300, "iteration 2")
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -75,8 +105,11 @@ def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupt
         # Right after the requeue the job can still show the first run's end (its script exits 75): wait for
         # the second run's script to start before reading an end state.
         wait_for(lambda: f"job {job} run 1:" in log.read_text(), 300, "the requeued job to start")
-        state = wait_for(lambda: job_state(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
-                         and job_state(job), 600, "the requeued job to end")
+        state = wait_for(
+            lambda: job_state(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and job_state(job),
+            600,
+            "the requeued job to end",
+        )
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     text = log.read_text()
@@ -84,11 +117,19 @@ def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupt
     assert f"job {job} run 0:" in text and f"job {job} run 1:" in text  # SLURM_RESTART_COUNT 0, then 1
     stopped_at = int(text.split("SIGUSR1 received: checkpoint at iteration ")[1].split(",")[0])
     assert 2 <= stopped_at < 12 and stopped_at != 6  # mid-run, never at an epoch's end
-    assert f"resumed from {tmp_path / 'job'}/tiny/slurm-{job}/checkpoints/training_checkpoint_{stopped_at}.pt" \
+    assert (
+        f"resumed from {tmp_path / 'job'}/tiny/slurm-{job}/checkpoints/training_checkpoint_{stopped_at}.pt"
         f" at iteration {stopped_at}" in text
+    )
 
-    reference = subprocess.run(TRAIN, cwd=ROOT, env=env_for(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY="100"),
-                               capture_output=True, text=True, timeout=600)
+    reference = subprocess.run(
+        TRAIN,
+        cwd=ROOT,
+        env=env_for(synthetic_voc, tmp_path / "ref", TINY_SAVE_EVERY="100"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     (resumed,) = (tmp_path / "job").glob("tiny/*/checkpoints/training_checkpoint_12.pt")
     (uninterrupted,) = (tmp_path / "ref").glob("tiny/*/checkpoints/training_checkpoint_12.pt")
