@@ -5,7 +5,7 @@
 
 The checkpoint is what a run saves (model + SGD momentum after one step + scheduler and trainer state), built on
 the CPU with random weights. With a ClearML server configured (CLEARML_CONFIG_FILE, CLEARML_API_* or
-~/clearml.conf) it is uploaded through the same code a run uses (vocseg.clearml_checkpoints) to a throwaway task
+~/clearml.conf) it is uploaded through the same code a run uses (vocseg.clearml.checkpoints) to a throwaway task
 of project "vocseg benchmarks", fetched back the way a continued run fetches it, and the task deleted;
 without a server those figures are "not measured". The throughput is that of the server measured: a
 local fileserver shows the overhead of the SDK and the disk, not your network.
@@ -59,8 +59,8 @@ def build_checkpoint(tiny: bool, folder: Path) -> dict:
 def upload_and_fetch(path: Path, folder: Path) -> dict:
     from clearml import Task
 
-    from vocseg.clearml_checkpoints import CheckpointUploads, fetch_checkpoint
-    from vocseg.clearml_session import unusable_server
+    from vocseg.clearml.checkpoints import CheckpointUploads, fetch_checkpoint
+    from vocseg.clearml.session import unusable_server
 
     unusable = unusable_server()
     if unusable:

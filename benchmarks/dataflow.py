@@ -73,7 +73,7 @@ def torchvision_v2_transform(crop_size: int, short_side: int):
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as F
 
-    from vocseg.transforms import MEAN, STD
+    from vocseg.data.transforms import MEAN, STD
 
     class PadIfSmaller(v2.Transform):
         """Bottom/right padding up to the crop: 0 for images, 255 (void) for masks (as torchvision's reference)."""
@@ -173,7 +173,7 @@ def one_epoch(loader, epoch: int):
 def main(argv=None):
     args = parse_args(argv)
     started, load_before = time.time(), C.load()
-    from vocseg.synthetic import make_synthetic_voc
+    from vocseg.data.synthetic import make_synthetic_voc
 
     with tempfile.TemporaryDirectory(prefix="vocseg-bench-dataflow-") as tmp:
         root = Path(args.data) if args.data else Path(tmp)

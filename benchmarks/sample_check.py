@@ -1,4 +1,4 @@
-"""How long the pre-training sample check takes (vocseg.sample_check), per 1,000 samples, and on VOC+SBD's 12,031.
+"""How long the pre-training sample check takes (vocseg.data.sample_check), per 1,000 samples, and on VOC+SBD's 12,031.
 
     python benchmarks/sample_check.py            # 600 VOC + ~300 SBD samples at 500x375, about a minute
     python benchmarks/sample_check.py --tiny     # seconds; only checks that it runs
@@ -23,7 +23,7 @@ VOC_SEG, SBD_ONLY, VOC_VAL = 1464, 9118, 1449
 
 
 def timed(loaders) -> float:
-    from vocseg.sample_check import check_loaders
+    from vocseg.data.sample_check import check_loaders
 
     start = time.perf_counter()
     check_loaders(loaders)
@@ -40,8 +40,8 @@ def main(argv=None):
 
     from torch.utils.data import DataLoader
 
+    from vocseg.data.synthetic import make_synthetic_voc
     from vocseg.datasets import SBDSegmentation, VOCSegmentation
-    from vocseg.synthetic import make_synthetic_voc
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["VOCSEG_CACHE_DIR"] = str(Path(tmp) / "cache")

@@ -114,7 +114,7 @@ def main(argv=None):
     args = parse_args(argv)
     started, load_before = time.time(), C.load()
     from vocseg.config import peek_constant
-    from vocseg.synthetic import make_synthetic_voc
+    from vocseg.data.synthetic import make_synthetic_voc
 
     config = C.REPO / args.config
     batch = int(peek_constant(config, "batch_size", default=4) or 4)

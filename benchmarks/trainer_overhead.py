@@ -10,14 +10,14 @@ train-eval and val batches every ``val_interval`` epochs.
 
 - plain: a hand-written loop: prepare_batch, forward, loss, backward, step, scheduler; evaluation with
   argmax + bincount confusion matrices.
-- ours: ``vocseg.training.train()`` on a config that hands it those batches, so every handler the
+- ours: ``vocseg.engine.train.train()`` on a config that hands it those batches, so every handler the
   baseline config gets is attached: create_trainer (per-iteration seeding, NaN guard), checkpoints every
   ``save_every_iters`` and at the end, best-model checkpoint, the two evaluators with all metrics and the
   comparison grid, Timer, loss log lines (a tqdm bar instead when stderr is a terminal), TensorBoard, and
   ClearML (offline: HOME is a temporary folder without clearml.conf) with its resource monitor.
 
 The plain side runs with glibc's default allocator settings, as a user's script would; train() (on a CPU
-device) tells glibc to keep freed blocks (``runtime.tune_cpu_allocator``), which saves the page faults that otherwise
+device) tells glibc to keep freed blocks (``machine.tune_cpu_allocator``), which saves the page faults that otherwise
 cost 5-10% of every CPU step. ``--pin-malloc`` gives both sides the same fixed allocator settings (through
 MALLOC_*_ variables) to isolate what the trainer and its handlers themselves cost.
 
@@ -203,8 +203,8 @@ def summarise(iteration_ends, epoch_ends, start) -> dict:
 def run_plain(args, settings) -> dict:
     import torch
 
-    from vocseg.engines import prepare_batch
-    from vocseg.runtime import seed_everything
+    from vocseg.engine.steps import prepare_batch
+    from vocseg.runtime.machine import seed_everything
 
     seed_everything(SEED)
     o = build(settings)
@@ -245,8 +245,9 @@ def run_plain(args, settings) -> dict:
 def run_ours(args, settings, workdir: Path) -> dict:
     from ignite.engine import Events
 
-    from vocseg import clearml_reports, clearml_session
-    from vocseg.training import train
+    from vocseg.clearml import reports as clearml_reports
+    from vocseg.clearml import session as clearml_session
+    from vocseg.engine.train import train
 
     config_path = workdir / "inmemory.py"
     config_path.write_text(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vocseg.synthetic import make_synthetic_voc
+from vocseg.data.synthetic import make_synthetic_voc
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +48,8 @@ def mixed_size_voc(synthetic_voc, tmp_path_factory):
     import cv2
     import numpy as np
 
+    from vocseg.data.voc import read_mask, save_palette_png
     from vocseg.datasets import VOCSegmentation
-    from vocseg.voc import read_mask, save_palette_png
 
     root = shutil.copytree(synthetic_voc, tmp_path_factory.mktemp("mixed") / "data")
     for split in ("val", "train"):

@@ -22,14 +22,16 @@ from ignite.engine import Engine
 from PIL import Image
 
 from test_training import REPO, TINY, last_line, make_env, only_run_dir, run_script
-from vocseg import checkpoints, outputs, runtime
+from vocseg import outputs
 from vocseg.config import RUN_CONTROLS, check_constants, check_run_controls
+from vocseg.data.sample_check import check_loaders
+from vocseg.data.voc import read_mask, save_palette_png
 from vocseg.dataflow import get_dataloaders, get_val_loader
 from vocseg.datasets import VOCSegmentation, read_split
+from vocseg.engine import checkpoints
 from vocseg.errors import UserError, one_line
 from vocseg.models import deeplabv3
-from vocseg.sample_check import check_loaders
-from vocseg.voc import read_mask, save_palette_png
+from vocseg.runtime import signals
 
 
 @pytest.fixture
@@ -329,14 +331,14 @@ def test_signal_during_a_checkpoint_write_takes_effect_after_it(tmp_path, signum
     holder = Holder(None)
     checkpointer = checkpoints.training_checkpointer({"x": holder}, tmp_path)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    runtime.stop_on_signals()
+    signals.stop_on_signals(in_process_group=False)
     try:
         for iteration in (2, 4):
             engine.state.iteration = iteration
             checkpointer(engine)
         holder.value = SignalDuringPickling(tmp_path, signum)
         engine.state.iteration = 6
-        with pytest.raises(runtime.Interrupted) as excinfo:
+        with pytest.raises(signals.Interrupted) as excinfo:
             checkpointer(engine)
     finally:
         for s, handler in previous.items():
@@ -386,7 +388,7 @@ def test_bad_run_control_fails_before_anything_is_written(synthetic_voc, tmp_pat
 
 @pytest.mark.slow
 def test_num_epochs_zero_computed_in_the_config(synthetic_voc, tmp_path, monkeypatch):
-    from vocseg.training import train
+    from vocseg.engine.train import train
 
     for name, value in make_env(synthetic_voc, tmp_path, TINY_EPOCHS=0).items():
         monkeypatch.setenv(name, value)

@@ -1,8 +1,8 @@
-"""vocseg.checkout: the git state a run records so that an agent can run it again."""
+"""vocseg.clearml.checkout: the git state a run records so that an agent can run it again."""
 
 import subprocess
 
-from vocseg.checkout import find_checkout
+from vocseg.clearml.checkout import find_checkout
 
 
 def git(folder, *args):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vocseg import checkpoints
-from vocseg import clearml_session as ct
+from vocseg.clearml import session as ct
 from vocseg.config import load_config
+from vocseg.engine import checkpoints
 from vocseg.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

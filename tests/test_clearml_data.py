@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vocseg import clearml_data
+from vocseg.clearml import data as clearml_data
 from vocseg.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

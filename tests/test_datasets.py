@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vocseg.data.voc import IGNORE_INDEX, read_mask, save_palette_png
 from vocseg.datasets import (
     SBDSegmentation,
     VOCSBDTrain,
@@ -17,7 +18,6 @@ from vocseg.datasets import (
     voc_root_from_env,
 )
 from vocseg.errors import UserError
-from vocseg.voc import IGNORE_INDEX, read_mask, save_palette_png
 
 
 @pytest.fixture

@@ -253,7 +253,7 @@ def test_rendezvous_failures_end_within_their_timeouts(tmp_path):
 
 def test_process_group_timeout_sources(tmp_path, monkeypatch):
     from vocseg.errors import UserError
-    from vocseg.runtime import process_group_timeout
+    from vocseg.runtime.launch import process_group_timeout
 
     config = tmp_path / "c.py"
     config.write_text("dist_timeout = 30\n")
@@ -277,7 +277,7 @@ def _rank_zero_work(_local_rank, out_dir):
     import ignite.distributed as idist
 
     from vocseg.errors import UserError
-    from vocseg.runtime import from_rank_zero
+    from vocseg.runtime.ranks import from_rank_zero
 
     def work(sleep_s, fail=False):
         time.sleep(sleep_s)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vocseg import download
+from vocseg.data import download
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "code/scripts/download_dataset.py"

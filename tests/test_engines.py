@@ -7,9 +7,10 @@ import torch
 from ignite.engine import Events
 from torch import nn
 
-from vocseg import engines, training
 from vocseg.dataflow import get_dataloaders
-from vocseg.engines import NO_NONFINITE, create_evaluator, create_trainer, iteration_seed, prepare_batch
+from vocseg.engine import steps as engines
+from vocseg.engine import train as training
+from vocseg.engine.steps import NO_NONFINITE, create_evaluator, create_trainer, iteration_seed, prepare_batch
 from vocseg.errors import UserError
 from vocseg.losses import DeepLabLoss
 from vocseg.models import deeplabv3

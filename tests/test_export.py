@@ -13,8 +13,8 @@ import torch
 
 from vocseg.datasets import VOCSegmentation
 from vocseg.errors import UserError
-from vocseg.export import ONNX_OPSET, PixelsToLogits, check_agreement
-from vocseg.inference import inference_config
+from vocseg.inference.export import ONNX_OPSET, PixelsToLogits, check_agreement
+from vocseg.inference.session import inference_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/eval/quickstart_cpu.py"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vocseg import hyperparameter_search as hs
+from vocseg.clearml import search as hs
 from vocseg.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from vocseg.engine.precision import amp_dtype, describe
 from vocseg.errors import UserError
-from vocseg.precision import amp_dtype, describe
 
 CUDA = torch.device("cuda", 0)
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 from vocseg.datasets import read_image
 from vocseg.errors import UserError
-from vocseg.inference import Predictor, inference_config
-from vocseg.predictions import collect_inputs, output_paths, overlay
+from vocseg.inference.predictions import collect_inputs, output_paths, overlay
+from vocseg.inference.session import Predictor, inference_config
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CONFIG = "tests/configs/tiny_eval.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_training import REPO, TINY, make_env
-from vocseg.checkpoints import newest_complete_checkpoint
+from vocseg.engine.checkpoints import newest_complete_checkpoint
 from vocseg.outputs import run_name
 
 TRAIN = [sys.executable, "-m", "py_config_runner", "code/scripts/training.py", TINY]
@@ -116,7 +116,7 @@ def test_torchrun_restart_continues_from_the_last_checkpoint(synthetic_voc, tmp_
     assert set(victims) == {0, 1}, finish([launcher], 1)[1][-3000:]
     # kill -9 of one rank mid-epoch: torchrun restarts the whole group, whose processes find their run folder
     # again and continue from its newest checkpoint (a group restarted over the keys the dead one left in
-    # torchrun's store would not even connect: runtime._restarted_group_store).
+    # torchrun's store would not even connect: launch._restarted_group_store).
     victims[1].kill()
     codes, text = finish([launcher], timeout=600)
     assert codes == [0], text[-3000:]

@@ -1,11 +1,11 @@
-"""How many processes a plain launch starts itself (runtime.processes_per_node). GPUs cannot exist here:
+"""How many processes a plain launch starts itself (launch.processes_per_node). GPUs cannot exist here:
 torch.cuda.device_count is monkeypatched; the CPU path is run for real in the online suite (an agent's clone)."""
 
 import pytest
 import torch
 
 from vocseg.errors import UserError
-from vocseg.runtime import processes_per_node
+from vocseg.runtime.launch import processes_per_node
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from vocseg.size_grouped import SizeGroupedBatches, image_sizes
+from vocseg.data.size_grouped import SizeGroupedBatches, image_sizes
 
 
 def test_batches_hold_one_size_and_cover_every_index_once():

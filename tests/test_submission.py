@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from vocseg.data.synthetic import make_synthetic_voc
+from vocseg.data.voc import save_palette_png, voc_palette
 from vocseg.datasets import read_image
 from vocseg.errors import UserError
-from vocseg.inference import Predictor, inference_config
-from vocseg.submission import check_results, results_folder
-from vocseg.synthetic import make_synthetic_voc
-from vocseg.voc import save_palette_png, voc_palette
+from vocseg.inference.session import Predictor, inference_config
+from vocseg.inference.submission import check_results, results_folder
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CONFIG = "tests/configs/tiny_eval.py"

@@ -8,10 +8,10 @@ import scipy.io
 import torchvision
 from PIL import Image
 
+from vocseg.data.synthetic import make_synthetic_voc
+from vocseg.data.voc import IGNORE_INDEX, colorize, read_mask, voc_palette
 from vocseg.datasets import SBDSegmentation, VOCSegmentation
 from vocseg.errors import UserError
-from vocseg.synthetic import make_synthetic_voc
-from vocseg.voc import IGNORE_INDEX, colorize, read_mask, voc_palette
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vocseg.datasets import VOCSegmentation
-from vocseg.engines import prepare_batch
+from vocseg.engine.steps import prepare_batch
 from vocseg.models import deeplabv3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +337,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_voc, tmp_path):
 def test_run_honours_the_mutations_of_the_config_object_it_is_given(synthetic_voc, tmp_path, monkeypatch):
     from py_config_runner import ConfigObject
 
-    from vocseg.training import run
+    from vocseg.engine.train import run
 
     for name, value in make_env(synthetic_voc, tmp_path).items():
         monkeypatch.setenv(name, value)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from vocseg.data.transforms import train_transform
 from vocseg.dataflow import SegmentationSamples
-from vocseg.transforms import train_transform
 
 
 def sample(h=100, w=120, seed=0):

@@ -2,7 +2,7 @@
 
 import sys
 
-from vocseg.download import main
+from vocseg.data.download import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 
 def check_images(inputs) -> dict:
     from vocseg.datasets import read_image
-    from vocseg.predictions import collect_inputs
+    from vocseg.inference.predictions import collect_inputs
 
     if not inputs:
         rng = np.random.default_rng(0)
@@ -63,8 +63,8 @@ def main(argv=None) -> None:
 
 
 def run(args) -> None:
-    from vocseg import export
-    from vocseg.inference import Predictor
+    from vocseg.inference import export
+    from vocseg.inference.session import Predictor
 
     out = Path(args.out)
     existing = [str(out / FORMATS[f]) for f in args.formats if (out / FORMATS[f]).exists()]

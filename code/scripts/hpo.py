@@ -13,7 +13,7 @@ from vocseg.errors import UserError, exit_with
 
 
 def main(argv=None) -> None:
-    from vocseg import hyperparameter_search as hs
+    from vocseg.clearml import search as hs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="base training task: task id or config name")

@@ -24,7 +24,7 @@ def main(argv=None) -> None:
 def import_session(session: Path) -> str:
     from clearml import Task
 
-    from vocseg import clearml_session
+    from vocseg.clearml import session as clearml_session
 
     if not session.exists():
         raise UserError(f"offline session {session} does not exist: pass the .zip path the training run printed")

@@ -5,8 +5,8 @@ python code/scripts/make_synthetic_voc.py OUT --train 200 --val 50 [--test 30] [
 
 import argparse
 
+from vocseg.data.synthetic import make_synthetic_voc
 from vocseg.errors import UserError, exit_with
-from vocseg.synthetic import make_synthetic_voc
 
 
 def main(argv=None) -> None:

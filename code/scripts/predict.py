@@ -36,8 +36,8 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace masks and overlays already in --out")
     args = parser.parse_args(argv)
     try:
-        from vocseg.inference import Predictor
-        from vocseg.predictions import collect_inputs, output_paths, predict_files
+        from vocseg.inference.predictions import collect_inputs, output_paths, predict_files
+        from vocseg.inference.session import Predictor
 
         files, problems = collect_inputs(args.inputs)
         for line in problems:

@@ -39,8 +39,8 @@ def main(argv=None) -> None:
     try:
         if not args.dataset_path:
             raise UserError("no dataset: set DATASET_PATH (or --dataset-path) to the folder containing VOCdevkit/")
-        from vocseg.inference import Predictor
-        from vocseg.submission import listed_images, new_results_folder, write_submission
+        from vocseg.inference.session import Predictor
+        from vocseg.inference.submission import listed_images, new_results_folder, write_submission
 
         # The data and the output folder are checked before the model is built.
         images = listed_images(args.dataset_path)

@@ -15,7 +15,7 @@ from vocseg.errors import UserError, exit_with
 
 
 def main(argv=None) -> None:
-    from vocseg import clearml_data
+    from vocseg.clearml import data as clearml_data
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="folder that contains VOCdevkit/")

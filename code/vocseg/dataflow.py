@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vocseg import transforms as T
+from vocseg.data import transforms as T
+from vocseg.data.size_grouped import SizeGroupedBatches, image_sizes
 from vocseg.datasets import VOCSBDTrain, VOCSegmentation
 from vocseg.errors import UserError
-from vocseg.size_grouped import SizeGroupedBatches, image_sizes
 
 
 def chw_tensor(image: np.ndarray) -> torch.Tensor:

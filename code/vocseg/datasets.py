@@ -13,8 +13,8 @@ import scipy.io
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vocseg.data.voc import IGNORE_INDEX, NUM_CLASSES, read_mask
 from vocseg.errors import UserError
-from vocseg.voc import IGNORE_INDEX, NUM_CLASSES, read_mask
 
 VOC_HINT = (
     "export DATASET_PATH=/path/that/contains/VOCdevkit "
@@ -39,7 +39,7 @@ def sbd_root_from_env() -> Path:
 
 def _local_folder(value: str, variable: str, kind: str) -> Path:
     """A folder as given, or the local copy of the ClearML dataset a clearml:// address names."""
-    from vocseg import clearml_data
+    from vocseg.clearml import data as clearml_data
 
     return clearml_data.local_copy(value, variable, kind) if clearml_data.is_dataset_uri(value) else Path(value)
 

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from vocseg.voc import IGNORE_INDEX
+from vocseg.data.voc import IGNORE_INDEX
 
 
 class DeepLabLoss(nn.Module):

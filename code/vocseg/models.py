@@ -25,9 +25,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
-from vocseg.checkpoints import load_file
+from vocseg.data.voc import NUM_CLASSES
+from vocseg.engine.checkpoints import load_file
 from vocseg.errors import UserError
-from vocseg.voc import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vocseg.voc import VOC_CLASSES
+from vocseg.data.voc import VOC_CLASSES
 
 GRID_TAG = "val/image_gt_prediction"
 

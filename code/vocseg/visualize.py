@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from vocseg.voc import colorize
+from vocseg.data.voc import colorize
 
 
 def comparison_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor, max_rows: int = 4) -> np.ndarray:

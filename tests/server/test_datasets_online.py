@@ -8,7 +8,7 @@ import uuid
 import pytest
 from online import run, task_id_of, train
 
-from vocseg import clearml_data
+from vocseg.clearml import data as clearml_data
 from vocseg.errors import UserError
 
 UPLOAD = "code/scripts/upload_dataset.py"

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from online import AGENT, poly_lr, run, scalar_events
 
-from vocseg import hyperparameter_search as hs
+from vocseg.clearml import search as hs
 from vocseg.errors import UserError
 
 HPO = "code/scripts/hpo.py"

@@ -44,7 +44,7 @@ def _selector(uri: str, variable: str) -> dict:
 
 def require_server(what: str) -> None:
     """A one-line UserError unless a ClearML server is configured and answers a short probe."""
-    from vocseg.clearml_session import unusable_server
+    from vocseg.clearml.session import unusable_server
 
     unusable = unusable_server()
     if unusable and unusable[0] is None:

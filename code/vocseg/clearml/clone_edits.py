@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vocseg.clearml_session import CONFIG_OBJECT, SECTION, config_constants, config_overrides, say
+from vocseg.clearml.session import CONFIG_OBJECT, SECTION, config_constants, config_overrides, say
 from vocseg.config import ConfigSource, literal_constants
 from vocseg.errors import UserError, one_line
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
-from vocseg.metrics import segmentation_metrics
-from vocseg.transforms import MEAN, STD
+from vocseg.data.transforms import MEAN, STD
+from vocseg.engine.metrics import segmentation_metrics
 
 
 @functools.cache
@@ -58,7 +58,7 @@ def create_trainer(
     compile_model=False,
     check_every: Sequence[int] = (),
 ) -> Engine:
-    """The training step. ``amp_dtype`` comes from vocseg.precision; ``compile_model`` (True or torch.compile
+    """The training step. ``amp_dtype`` comes from vocseg.engine.precision; ``compile_model`` (True or torch.compile
     keywords) compiles the training forward only; ``check_every``: the iteration periods (logging, checkpoints)
     at which a non-finite loss is looked for, before anything registered later runs."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

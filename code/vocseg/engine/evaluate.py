@@ -8,23 +8,27 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 
-from vocseg import outputs, precision, runtime, sample_check
-from vocseg.checkpoints import load_weights, resolve_weights
+from vocseg import outputs
 from vocseg.config import check_constants, check_inference, check_loaded, check_seed, load_config, peek_constant
-from vocseg.engines import create_evaluator
-from vocseg.metrics import scalar_metrics
-from vocseg.voc import VOC_CLASSES, save_palette_png
+from vocseg.data import sample_check
+from vocseg.data.voc import VOC_CLASSES, save_palette_png
+from vocseg.engine import precision
+from vocseg.engine.checkpoints import load_weights, resolve_weights
+from vocseg.engine.metrics import scalar_metrics
+from vocseg.engine.steps import create_evaluator
+from vocseg.runtime import launch, logs, machine
 
 log = logging.getLogger("vocseg")
 
 
 def run(config, **_runner_kwargs) -> None:
     """py_config_runner entry point (it also passes its own logger, unused) of code/scripts/evaluation.py."""
-    runtime.launch(config, _evaluate_one_rank)
+    launch.launch(config, _evaluate_one_rank)
 
 
 def _evaluate_one_rank(source) -> None:
-    from vocseg import clearml_reports, clearml_session
+    from vocseg.clearml import reports as clearml_reports
+    from vocseg.clearml import session as clearml_session
 
     factory = None
     outputs.check_output_base()
@@ -44,7 +48,7 @@ def _save_predictions(evaluator, folder: Path) -> None:
 def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     check_constants(config_path, mutations)
     seed = int(peek_constant(config_path, "seed", mutations, default=0))
-    runtime.seed_everything(seed)
+    machine.seed_everything(seed)
     config = load_config(config_path, mutations)
     weights_path = resolve_weights(config.get("weights_path"))  # before the schema check: it names what to set
     check_inference(config)
@@ -52,7 +56,7 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     check_loaded(config, config_path)
     checked = sample_check.check_loaders({"data_loader": config.data_loader})
     output_dir = outputs.make_output_dir(config_path)
-    logger = runtime.setup_logging(output_dir)
+    logger = logs.setup_logging(output_dir)
     logger.info("before evaluation: %s", checked)
     device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
 

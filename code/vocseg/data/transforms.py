@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from albumentations.core.transforms_interface import DualTransform
 
-from vocseg.voc import IGNORE_INDEX
+from vocseg.data.voc import IGNORE_INDEX
 
 # ImageNet statistics of torchvision's pretrained backbones, in 0..255 units.
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vocseg.data.voc import NUM_CLASSES, save_palette_png, voc_palette
 from vocseg.datasets import read_image, read_split
 from vocseg.errors import UserError
-from vocseg.voc import NUM_CLASSES, save_palette_png, voc_palette
 
 COMPETITIONS = {"comp5": "trained on VOC2012 data only", "comp6": "trained with extra data (e.g. SBD)"}
 

@@ -15,7 +15,7 @@ import scipy.io
 import scipy.sparse
 
 from vocseg.errors import UserError
-from vocseg.voc import IGNORE_INDEX, NUM_CLASSES, save_palette_png
+from vocseg.data.voc import IGNORE_INDEX, NUM_CLASSES, save_palette_png
 
 
 def _class_colours() -> np.ndarray:
@@ -29,7 +29,7 @@ def _class_colours() -> np.ndarray:
 
 CLASS_COLOURS = _class_colours()
 # savemat stamps the creation time into the header; a fixed one keeps reruns byte-identical.
-_MAT_HEADER = b"MATLAB 5.0 MAT-file, written by vocseg.synthetic".ljust(116, b" ")
+_MAT_HEADER = b"MATLAB 5.0 MAT-file, written by vocseg.data.synthetic".ljust(116, b" ")
 
 
 def _draw_object(canvas: np.ndarray, value: int, rng: np.random.Generator) -> None:

@@ -18,8 +18,12 @@ import torchvision
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
-from vocseg import outputs, precision, runtime, sample_check
-from vocseg.checkpoints import (
+from vocseg import outputs
+from vocseg.config import check_constants, check_loaded, check_seed, check_trainval, load_config, peek_constant
+from vocseg.data import sample_check
+from vocseg.dataflow import images_scored
+from vocseg.engine import precision
+from vocseg.engine.checkpoints import (
     RunSettings,
     best_model_checkpointer,
     carry_best_models,
@@ -27,13 +31,12 @@ from vocseg.checkpoints import (
     resume,
     training_checkpointer,
 )
-from vocseg.config import check_constants, check_loaded, check_seed, check_trainval, load_config, peek_constant
-from vocseg.dataflow import images_scored
-from vocseg.engines import create_evaluator, create_trainer
+from vocseg.engine.metrics import scalar_metrics
+from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
-from vocseg.metrics import scalar_metrics
 from vocseg.models import backbone_source
-from vocseg.runtime import ALL_RANKS
+from vocseg.runtime import launch, logs, machine, ranks, signals
+from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
 log = logging.getLogger("vocseg")
@@ -41,11 +44,12 @@ log = logging.getLogger("vocseg")
 
 def run(config, **_runner_kwargs) -> None:
     """py_config_runner entry point (it also passes its own logger, unused) of code/scripts/training.py."""
-    runtime.launch(config, _train_one_rank)
+    launch.launch(config, _train_one_rank)
 
 
 def _train_one_rank(source) -> None:
-    from vocseg import clearml_reports, clearml_session
+    from vocseg.clearml import reports as clearml_reports
+    from vocseg.clearml import session as clearml_session
 
     tracker_factory = None
     outputs.check_output_base()
@@ -68,7 +72,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
     ``output_dir``: the run folder (default: ``outputs.run_dir``)."""
     check_constants(config_path, mutations)
     seed = int(peek_constant(config_path, "seed", mutations, default=0))
-    runtime.seed_everything(seed)  # before the config builds its model
+    machine.seed_everything(seed)  # before the config builds its model
     config = load_config(config_path, mutations)
     check_trainval(config)
     check_seed(config, seed)
@@ -77,7 +81,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
         {"train": config.train_loader, "val": config.val_loader, "train_eval": config.get("train_eval_loader")}
     )
     output_dir = outputs.make_output_dir(config_path, output_dir)
-    logger = runtime.setup_logging(output_dir)
+    logger = logs.setup_logging(output_dir)
     logger.info("before training: %s", checked)
 
     run = _build(config, config_path, seed)
@@ -113,7 +117,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
     resumed_from = _resume(run, config.get("resume_from"), output_dir, tracker)
     try:
         run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
-    except runtime.Interrupted as exc:
+    except signals.Interrupted as exc:
         raise _how_to_continue(exc, run, checkpointer, resumed_from) from None
     finally:
         if tb is not None:
@@ -124,7 +128,7 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
             tracker.close()  # after the summary: the tracker attaches summary.png
 
     if run.trainer.state.preempted:
-        raise runtime.Preempted(
+        raise signals.Preempted(
             f"{run.trainer.state.preempted}: stopped at iteration {run.trainer.state.iteration} "
             f"with checkpoint {output_dir / 'checkpoints' / checkpointer.last_checkpoint}; "
             f"a rerun with the same run folder continues from it"
@@ -151,16 +155,16 @@ def _write_summary(output_dir) -> None:
     log.info("summary %s | curves: tensorboard --logdir %s", path, output_dir / "tb")
 
 
-def _how_to_continue(exc, run, checkpointer, resumed_from) -> runtime.Interrupted:
+def _how_to_continue(exc, run, checkpointer, resumed_from) -> signals.Interrupted:
     last = checkpointer.last_checkpoint or resumed_from
     state = run.trainer.state
     where = f"{exc} at iteration {state.iteration} (epoch {state.epoch})"
     if not last:
-        return runtime.Interrupted(
+        return signals.Interrupted(
             exc.signum,
             f"{where} before its first checkpoint (every {run.save_every_iters} iterations): rerun to start again",
         )
-    return runtime.Interrupted(exc.signum, f"{where}; last checkpoint {last}: continue with RESUME_FROM={last}")
+    return signals.Interrupted(exc.signum, f"{where}; last checkpoint {last}: continue with RESUME_FROM={last}")
 
 
 def _device(config, config_path) -> torch.device:
@@ -168,7 +172,7 @@ def _device(config, config_path) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"config {config_path}: device='cuda' but no GPU is visible: set device='cpu'")
     if device.type == "cpu":
-        runtime.tune_cpu_allocator()
+        machine.tune_cpu_allocator()
     return device
 
 
@@ -288,7 +292,7 @@ def _resume(run, resume_from, output_dir, tracker=None):
     new_run = "unset RESUME_FROM to start a new run"
     if not resume_from:
         # Every rank resumes from the file rank 0 chose (and may have fetched), or stops with its error.
-        found = runtime.from_rank_zero(
+        found = ranks.from_rank_zero(
             "choosing the checkpoint to resume from", functools.partial(_own_checkpoint, output_dir, tracker)
         )
         if not found:
@@ -398,13 +402,13 @@ def _attach_preemption(run) -> None:
     Never on an epoch's last iteration: its validation runs first, so a resumed run loses none. Ranks agree
     through one all_reduce every ``log_every_iters`` iterations (a collective per step would stall GPUs).
     """
-    runtime.catch_preemption_signal()
+    signals.catch_preemption_signal()
     run.trainer.state.preempted = ""
     every = math.lcm(run.accumulation_steps, 1 if idist.get_world_size() == 1 else run.log_every)
 
     @run.trainer.on(Events.ITERATION_COMPLETED(every=every))
     def _stop_if_asked(engine):
-        asked = runtime.stop_requested()
+        asked = signals.stop_requested()
         if idist.get_world_size() > 1 and idist.all_reduce(int(bool(asked)), op="MAX"):
             asked = asked or "SIGUSR1 on another rank"
         if asked and engine.state.iteration % engine.state.epoch_length and engine.state.nan_iteration is None:
@@ -412,7 +416,7 @@ def _attach_preemption(run) -> None:
                 "%s received: checkpoint at iteration %d, then exit %d for a requeue",
                 asked,
                 engine.state.iteration,
-                runtime.PREEMPTED_EXIT,
+                signals.PREEMPTED_EXIT,
             )
             engine.state.preempted = asked
             engine.terminate()

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vocseg.data.transforms import MEAN, STD
 from vocseg.errors import UserError
-from vocseg.transforms import MEAN, STD
 
 # Pinned so that a torch upgrade cannot silently change what a runtime must support; onnxruntime 1.31 runs it.
 ONNX_OPSET = 18

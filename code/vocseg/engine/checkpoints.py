@@ -11,8 +11,8 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
-from vocseg import runtime
 from vocseg.errors import UserError
+from vocseg.runtime import signals
 
 _MODEL_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -21,7 +21,7 @@ class SaveThenRemove(DiskSaver):
     """Ignite's Checkpoint deletes the oldest file before it writes the new one, so a kill during a write would
     leave a single checkpoint. Deleting after the write keeps ``n_saved`` complete files at every moment
     (one more while writing). atomic=True writes a temporary file and renames it: no half-written checkpoint.
-    SIGTERM / Ctrl-C take effect once the write is over (runtime.uninterrupted)."""
+    SIGTERM / Ctrl-C take effect once the write is over (signals.uninterrupted)."""
 
     def __init__(self, dirname):
         super().__init__(dirname, require_empty=False, atomic=True)
@@ -31,7 +31,7 @@ class SaveThenRemove(DiskSaver):
         self._stale.append(filename)
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        with runtime.uninterrupted():
+        with signals.uninterrupted():
             super().__call__(checkpoint, filename, metadata)
             for name in self._stale:
                 # Ignite "removes" a file it is about to write again (the last iteration); a resumed run's
@@ -153,7 +153,7 @@ def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):
     text = str(weights_path).strip()
     if not _MODEL_ID.fullmatch(text) or Path(text).exists():
         return weights_path
-    from vocseg import clearml_session
+    from vocseg.clearml import session as clearml_session
 
     return clearml_session.fetch_model_weights(text)
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import ignite.distributed as idist
 
-from vocseg.checkout import find_checkout
+from vocseg.clearml.checkout import find_checkout
 from vocseg.config import literal_constants, peek_constant
 from vocseg.errors import UserError, one_line
-from vocseg.runtime import from_rank_zero
+from vocseg.runtime.ranks import from_rank_zero
 
 PROJECT = "Pascal-VOC12 Training"
 SECTION = "Config"  # hyperparameter section holding the config's constants
@@ -39,8 +39,8 @@ CONFIG_OBJECT = "config"  # configuration object holding the config file's text
 TASK_FILE = "clearml_task_id"  # in the run folder: the task a rerun there continues
 PROBE_TIMEOUT_S = 5.0
 _SECRET_NAME = re.compile(r"key|token|passw|secret|credential", re.IGNORECASE)
-_IMPORT_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_offline_session.py"
-_REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+_IMPORT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "import_offline_session.py"
+_REQUIREMENTS = Path(__file__).resolve().parents[3] / "requirements.txt"
 
 
 def say(message: str) -> None:

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocseg import precision
-from vocseg.checkpoints import load_weights, resolve_weights
 from vocseg.config import load_config
+from vocseg.data.transforms import MEAN, STD
 from vocseg.dataflow import chw_tensor
-from vocseg.engines import autocast, predict
+from vocseg.engine import precision
+from vocseg.engine.checkpoints import load_weights, resolve_weights
+from vocseg.engine.steps import autocast, predict
 from vocseg.errors import UserError
-from vocseg.transforms import MEAN, STD
 
 
 def _assigned_names(path: Path) -> set:

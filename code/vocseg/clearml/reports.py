@@ -5,10 +5,10 @@ import warnings
 
 from ignite.engine import Events
 
-from vocseg.clearml_checkpoints import CheckpointUploads, fetch_checkpoint
-from vocseg.clearml_session import SECTION, TASK_FILE, announce_offline_session, config_constants, finish
+from vocseg.clearml.checkpoints import CheckpointUploads, fetch_checkpoint
+from vocseg.clearml.session import SECTION, TASK_FILE, announce_offline_session, config_constants, finish
+from vocseg.data.voc import VOC_CLASSES
 from vocseg.models import backbone_source
-from vocseg.voc import VOC_CLASSES
 
 GRID = ("val", "image | ground truth | prediction")  # debug image title and series
 SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from vocseg.data.voc import colorize, save_palette_png
 from vocseg.datasets import read_image
 from vocseg.errors import UserError
-from vocseg.voc import colorize, save_palette_png
 
 
 def collect_inputs(inputs) -> tuple[list[Path], list[str]]:

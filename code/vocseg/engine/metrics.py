@@ -7,7 +7,7 @@ out of the means instead of counting as 0, which matters on small or partial val
 import torch
 from ignite.metrics import ConfusionMatrix, MetricsLambda
 
-from vocseg.voc import NUM_CLASSES
+from vocseg.data.voc import NUM_CLASSES
 
 
 def _iou(cm: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from vocseg.checkpoints import loads
+from vocseg.engine.checkpoints import loads
 from vocseg.errors import UserError
 
 ARTIFACT = "training_checkpoint"

@@ -1,0 +1,1 @@
+"""What every script does around its own work: processes, signals, logging, seeds."""
