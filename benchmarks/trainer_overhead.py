@@ -247,6 +247,7 @@ def run_ours(args, settings, workdir: Path) -> dict:
 
     from vocseg.clearml import reports as clearml_reports
     from vocseg.clearml import session as clearml_session
+    from vocseg.config import ConfigSource
     from vocseg.engine.train import train
 
     config_path = workdir / "inmemory.py"
@@ -260,7 +261,7 @@ def run_ours(args, settings, workdir: Path) -> dict:
             settings=json.dumps(settings),
         )
     )
-    task = None if args.no_clearml else clearml_session.prepare(config_path, None)
+    task = None if args.no_clearml else clearml_session.prepare(ConfigSource(Path(config_path), None, {}))
     clearml_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
     iteration_ends, epoch_ends, start = [], [], []
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from test_training import REPO, TINY, last_line, make_env, only_run_dir, run_script
 from vocseg import outputs
-from vocseg.config import RUN_CONTROLS, check_constants, check_run_controls
+from vocseg.config import check_constants, check_run_controls
 from vocseg.data.sample_check import check_loaders
 from vocseg.data.voc import read_mask, save_palette_png
 from vocseg.dataflow import get_dataloaders, get_val_loader
@@ -32,6 +32,7 @@ from vocseg.engine import checkpoints
 from vocseg.errors import UserError, one_line
 from vocseg.models import deeplabv3
 from vocseg.runtime import signals
+from vocseg.settings import SETTINGS
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_run_control_values_are_refused_naming_key_and_allowed_values(key, value
         check_run_controls({"seed": 1, key: value}, "configs/x.py")
     text = single_line(excinfo)
     assert f"{key} = {value!r}" in text and "configs/x.py" in text
-    assert f"set {key} to {RUN_CONTROLS[key][1]}" in text
+    assert f"set {key} to {SETTINGS[key].accepts}" in text
 
 
 def test_every_config_in_the_repo_passes_the_constant_checks():

@@ -23,7 +23,7 @@ def test_config_source_reads_paths_and_mutations_without_loading():
 
 def test_config_source_without_mutations_or_script():
     source = config_source(ConfigObject(TINY))
-    assert source == (TINY, None, {})
+    assert source == (TINY, None, {}, {})
 
 
 def test_constants_are_the_literal_assignments_and_mutations_win():

@@ -252,22 +252,27 @@ def test_rendezvous_failures_end_within_their_timeouts(tmp_path):
 
 
 def test_process_group_timeout_sources(tmp_path, monkeypatch):
+    from vocseg.config import ConfigSource
     from vocseg.errors import UserError
     from vocseg.runtime.launch import process_group_timeout
+
+    def timeout(path, backend, mutations=None):
+        return process_group_timeout(backend, ConfigSource(path, None, mutations or {}).setting("dist_timeout"))
 
     config = tmp_path / "c.py"
     config.write_text("dist_timeout = 30\n")
     plain = tmp_path / "plain.py"
     plain.write_text("seed = 1\n")
     monkeypatch.delenv("DIST_TIMEOUT", raising=False)
-    assert process_group_timeout(plain, "gloo").total_seconds() == 120
-    assert process_group_timeout(plain, "nccl") is None  # torch's own NCCL default
-    assert process_group_timeout(config, "gloo").total_seconds() == 30
+    assert timeout(plain, "gloo").total_seconds() == 120
+    assert timeout(plain, "nccl") is None  # torch's own NCCL default
+    assert timeout(config, "gloo").total_seconds() == 30
+    assert timeout(config, "gloo", {"dist_timeout": 45}).total_seconds() == 45  # a clone's edit
     monkeypatch.setenv("DIST_TIMEOUT", "7.5")
-    assert process_group_timeout(config, "nccl").total_seconds() == 7.5
+    assert timeout(config, "nccl").total_seconds() == 7.5
     monkeypatch.setenv("DIST_TIMEOUT", "soon")
-    with pytest.raises(UserError, match="DIST_TIMEOUT"):
-        process_group_timeout(config, "gloo")
+    with pytest.raises(UserError, match="DIST_TIMEOUT='soon' is not allowed"):
+        timeout(config, "gloo")
 
 
 def _rank_zero_work(_local_rank, out_dir):

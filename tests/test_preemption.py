@@ -1,6 +1,7 @@
 """Runs that know themselves: a stable run folder, automatic resume from it, and a stop signal that checkpoints."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -31,7 +32,7 @@ def test_run_name_comes_from_the_launcher(monkeypatch, env, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert run_name() == expected
+    assert run_name(os.environ.get("RUN_NAME")) == expected
 
 
 def test_run_name_is_a_timestamp_without_an_identity(monkeypatch):

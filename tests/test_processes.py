@@ -4,13 +4,20 @@ torch.cuda.device_count is monkeypatched; the CPU path is run for real in the on
 import pytest
 import torch
 
+from vocseg.config import ConfigSource, with_overrides
 from vocseg.errors import UserError
-from vocseg.runtime.launch import processes_per_node
+from vocseg.runtime import launch
+
+
+def processes_per_node(path, mutations=None):
+    # As the entry point decides it: the settings' nproc_per_node and device, then the launcher.
+    source = with_overrides(ConfigSource(path, None, mutations or {}))
+    return launch.processes_per_node(source.setting("nproc_per_node"), source.setting("device"))
 
 
 @pytest.fixture
 def config(tmp_path, monkeypatch):
-    for name in ("WORLD_SIZE", "NPROC_PER_NODE"):
+    for name in ("WORLD_SIZE", "NPROC_PER_NODE", "CONFIG_OVERRIDES"):
         monkeypatch.delenv(name, raising=False)
 
     def write(text=""):
@@ -48,5 +55,16 @@ def test_already_distributed_launch_starts_nothing_more(config, monkeypatch):
 @pytest.mark.parametrize("given", ["0", "two", "1.5"])
 def test_bad_nproc_per_node_is_one_line(config, monkeypatch, given):
     monkeypatch.setenv("NPROC_PER_NODE", given)
-    with pytest.raises(UserError, match=f"nproc_per_node '{given}' is not a whole number .* fix NPROC_PER_NODE"):
+    with pytest.raises(UserError, match=f"NPROC_PER_NODE='{given}' is not allowed: set it to None or an integer >= 1"):
         processes_per_node(config())
+
+
+def test_config_overrides_choose_the_processes(config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    path = config('device = "cuda"\nnproc_per_node = 2\n')
+    monkeypatch.setenv("NPROC_PER_NODE", "3")
+    monkeypatch.setenv("CONFIG_OVERRIDES", "nproc_per_node=1")
+    assert processes_per_node(path) == 1  # CONFIG_OVERRIDES > environment > config
+    monkeypatch.delenv("NPROC_PER_NODE")
+    monkeypatch.setenv("CONFIG_OVERRIDES", "device=cpu")
+    assert processes_per_node(config('device = "cuda"\n')) == 1

@@ -337,7 +337,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_voc, tmp_path):
 def test_run_honours_the_mutations_of_the_config_object_it_is_given(synthetic_voc, tmp_path, monkeypatch):
     from py_config_runner import ConfigObject
 
-    from vocseg.engine.train import run
+    from vocseg.entry import run_training as run
 
     for name, value in make_env(synthetic_voc, tmp_path).items():
         monkeypatch.setenv(name, value)

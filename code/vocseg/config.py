@@ -3,6 +3,7 @@ that name the file and line. The only module that knows py_config_runner's inter
 
 import ast
 import os
+import sys
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import NamedTuple
 from py_config_runner import ConfigObject, InferenceConfigSchema, TrainvalConfigSchema
 from pydantic import ValidationError
 
+from vocseg import settings
 from vocseg.errors import UserError
 
 
@@ -19,7 +21,19 @@ class ConfigSource(NamedTuple):
 
     config_path: Path
     script_path: Path | None
-    mutations: dict
+    mutations: dict  # py_config_runner's, then a ClearML clone's edits
+    overrides: dict = {}  # CONFIG_OVERRIDES
+
+    def setting(self, key: str, default=settings.SETTINGS):
+        """A setting's value before the config runs, by the rule of vocseg.settings."""
+        edited = {**literal_constants(self.config_path), **self.mutations}
+        if default is settings.SETTINGS:
+            return settings.resolve(key, self.overrides, edited)
+        return settings.resolve(key, self.overrides, edited, default)
+
+    def all_mutations(self) -> dict:
+        """What loading the config changes in it: the clone's edits, then the overrides."""
+        return {**self.mutations, **self.overrides}
 
 
 def config_source(config: ConfigObject) -> ConfigSource:
@@ -38,12 +52,47 @@ def config_source(config: ConfigObject) -> ConfigSource:
     )
 
 
+def with_overrides(source: ConfigSource) -> ConfigSource:
+    """``source`` with ``CONFIG_OVERRIDES`` parsed and checked against the settings and the config's names."""
+    path = source.config_path
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        names = assigned_names(path)
+    except SyntaxError as exc:
+        raise UserError(f"syntax error in config {path}, line {exc.lineno}: {exc.msg}") from None
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        for miss in settings.near_misses(names):
+            print(f"vocseg: warning: config {path} sets {miss}: no code reads it", file=sys.stderr, flush=True)
+    overrides = settings.parse_overrides(os.environ.get(settings.OVERRIDES_VARIABLE, ""), names)
+    literals = literal_constants(path)
+    for key, value in overrides.items():
+        like = literals.get(key)
+        if key not in settings.SETTINGS and like is not None and not _same_kind(value, like):
+            raise UserError(
+                f"{settings.OVERRIDES_VARIABLE}: {key}={value!r} is a {type(value).__name__}, but {path} sets "
+                f"{key} = {like!r}: give a {type(like).__name__}"
+            )
+    return source._replace(overrides=overrides)
+
+
+def _same_kind(value, like) -> bool:
+    numbers = (int, float)
+    if isinstance(like, bool) or isinstance(value, bool):
+        return type(value) is type(like)
+    return type(value) is type(like) or (isinstance(value, numbers) and isinstance(like, numbers))
+
+
 def load_config(path, mutations: Mapping | None = None) -> ConfigObject:
     """Evaluates the config now (py_config_runner is lazy) so that its errors surface here, clearly."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
-    config = ConfigObject(path, mutations=dict(mutations) if mutations else None)
+    mutations = dict(mutations or {})
+    # py_config_runner replaces only assignments the file has; a setting it lacks is set after the load.
+    names = assigned_names(path) if mutations else set()
+    extra = {key: mutations.pop(key) for key in list(mutations) if key not in names}
+    config = ConfigObject(path, mutations=mutations or None)
     try:
         len(config)  # forces the load
     except SyntaxError as exc:
@@ -57,6 +106,8 @@ def load_config(path, mutations: Mapping | None = None) -> ConfigObject:
         ]
         where = f", line {frames[-1].lineno}" if frames else ""
         raise UserError(f"config {path}{where} failed: {type(exc).__name__}: {exc}") from exc
+    for key, value in extra.items():
+        config[key] = value
     config["config_filepath"] = path
     return config
 
@@ -114,60 +165,20 @@ def peek_constant(path, name: str, mutations: Mapping | None = None, default=Non
     return literal_constants(path).get(name, default)
 
 
-def _integer(minimum):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-
-def _one_of(*choices):
-    return lambda v: any(v == c and type(v) is type(c) for c in choices)
-
-
-def _optional(check):
-    return lambda v: v is None or check(v)
-
-
-def _positive_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
-# Run-control keys -> (check, the allowed values as the error states them). Checked on the literal constants
-# before the config runs (a bad seed or batch_size fails before any model or dataset is built) and again on
-# the loaded config (values computed in the file). A key the config does not define keeps its default.
-RUN_CONTROLS = {
-    "seed": (_integer(0), "an integer >= 0"),
-    "num_epochs": (_integer(1), "an integer >= 1"),
-    "batch_size": (_integer(1), "an integer >= 1 (the total over all processes)"),
-    "accumulation_steps": (_integer(1), "an integer >= 1"),
-    "val_interval": (_integer(1), "an integer >= 1 (epochs between validations)"),
-    "save_every_iters": (_integer(1), "an integer >= 1 (iterations between checkpoints)"),
-    "log_every_iters": (_integer(1), "an integer >= 1"),
-    "es_patience": (_optional(_integer(1)), "None (no early stopping) or an integer >= 1"),
-    "num_workers": (_integer(0), "an integer >= 0"),
-    "crop_size": (_integer(1), "an integer >= 1"),
-    "num_classes": (_integer(2), "an integer >= 2"),
-    "amp": (_one_of("auto", "bf16", "fp16", "off"), "'auto', 'bf16', 'fp16' or 'off'"),
-    "sync_bn": (_one_of(True, False), "True or False"),
-    "cudnn_benchmark": (_one_of(True, False), "True or False"),
-    "channels_last": (_one_of(True, False), "True or False"),
-    "compile_model": (
-        lambda v: _one_of(True, False)(v) or isinstance(v, dict),
-        "True, False or a dict of torch.compile keywords",
-    ),
-    "dist_timeout": (_optional(_positive_number), "None or a number of seconds > 0"),
-    "tta_flip": (_one_of(True, False), "True or False"),
-    "save_predictions": (_one_of(True, False), "True or False"),
-    "tta_scales": (
-        lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_number, v)),
-        "a non-empty tuple of numbers > 0, e.g. (1.0,)",
-    ),
-}
+def assigned_names(path) -> set:
+    """The config's top-level single-name assignments, literal or not: what a py_config_runner mutation can
+    replace."""
+    tree = ast.parse(Path(path).read_text(), filename=str(path))
+    return {
+        node.targets[0].id
+        for node in tree.body
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+    }
 
 
 def check_run_controls(values: Mapping, path) -> None:
-    """Raise a UserError for the first run-control key of ``values`` whose value is not allowed."""
-    for key, (allowed, description) in RUN_CONTROLS.items():
-        if key in values and not allowed(values[key]):
-            raise UserError(f"config {path}: {key} = {values[key]!r} is not allowed: set {key} to {description}")
+    """Raise a UserError for the first setting of ``values`` whose value is not allowed (vocseg.settings)."""
+    settings.check(values, f"config {path}")
 
 
 def check_constants(path, mutations: Mapping | None = None) -> None:
@@ -176,7 +187,7 @@ def check_constants(path, mutations: Mapping | None = None) -> None:
 
 
 def check_loaded(config: ConfigObject, path) -> None:
-    check_run_controls({key: config[key] for key in RUN_CONTROLS if key in config}, path)
+    check_run_controls({key: config[key] for key in settings.SETTINGS if key in config}, path)
 
 
 def check_seed(config: ConfigObject, peeked) -> None:

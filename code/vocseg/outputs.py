@@ -13,6 +13,7 @@ from ignite.engine import Events
 from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
 
+from vocseg.clearml import agent_task_id
 from vocseg.errors import UserError
 
 
@@ -44,12 +45,9 @@ def check_output_base() -> Path:
     return base
 
 
-def run_name(config_path=None) -> str:
-    """The run's folder name: ``RUN_NAME`` (or the config's ``run_name``), else the identity a launcher gives
-    the run, so that a restarted or requeued run finds its own folder again; else a timestamp."""
-    from vocseg.config import peek_constant
-
-    given = os.environ.get("RUN_NAME") or (peek_constant(config_path, "run_name") if config_path else None)
+def run_name(given: str | None = None) -> str:
+    """The run's folder name: ``given`` (the run_name setting), else the identity a launcher gives the run, so
+    that a restarted or requeued run finds its own folder again; else a timestamp."""
     if given:
         return str(given)
     if os.environ.get("SLURM_JOB_ID"):  # unchanged when the job is requeued
@@ -60,24 +58,25 @@ def run_name(config_path=None) -> str:
         # torchrun's default id "none" names no run; its agent (this process's parent) is the same through
         # every --max-restarts restart of the group, and rank 0's name is the one every rank uses.
         return f"torchrun-{socket.gethostname()}-{os.getppid()}"
-    if os.environ.get("CLEARML_TASK_ID"):  # under clearml-agent
-        return f"clearml-{os.environ['CLEARML_TASK_ID']}"
+    if agent_task_id():  # a task enqueued again continues in the same folder
+        return f"clearml-{agent_task_id()}"
     return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
 
 
-def run_dir(config_path) -> Path:
-    """``<base>/<config stem>/<run name>``, chosen by rank 0 and shared with the other ranks (not created yet)."""
+def run_dir(config_path, name: str | None = None) -> Path:
+    """``<base>/<config stem>/<run name>``, chosen by rank 0 and shared with the other ranks (not created yet);
+    ``name``: the run_name setting."""
     path = None
     if idist.get_rank() == 0:
-        path = (output_base() / Path(config_path).stem / run_name(config_path)).resolve()
+        path = (output_base() / Path(config_path).stem / run_name(name)).resolve()
     if idist.get_world_size() > 1:
         path = Path(idist.broadcast(str(path) if path else "", src=0, safe_mode=True))
     return path
 
 
-def make_output_dir(config_path, path=None) -> Path:
+def make_output_dir(config_path, path=None, name: str | None = None) -> Path:
     """The run folder (``run_dir`` unless given), created by rank 0."""
-    path = path or run_dir(config_path)
+    path = path or run_dir(config_path, name)
     if idist.get_rank() == 0:
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,22 @@ def test_srun_two_tasks_match_torchrun_two_processes(synthetic_voc, tmp_path):
     assert by_srun["train_eval"]["mIoU"] == by_torchrun["train_eval"]["mIoU"]
 
 
+def test_config_overrides_reach_every_srun_task(synthetic_voc, tmp_path):
+    env = env_for(synthetic_voc, tmp_path, CONFIG_OVERRIDES="num_epochs=1 run_name=overridden")
+    srun = subprocess.run(
+        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert srun.returncode == 0, srun.stderr[-3000:]
+    run_dir, result = metrics(tmp_path)
+    assert run_dir.name == "overridden" and "world size 2" in srun.stderr
+    assert result["completed"] and result["epoch"] == 1 and result["iteration"] == 6  # 24 images, batch 4
+
+
 def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupted_run(synthetic_voc, tmp_path):
     # No periodic checkpoint before the end: the run can only continue from the one USR1 asked for.
     env = env_for(synthetic_voc, tmp_path / "job", TINY_SAVE_EVERY="100", VOCSEG_PYTHON=sys.executable)

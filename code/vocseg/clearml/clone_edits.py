@@ -12,11 +12,12 @@ Read with ``Task.get_task`` (no ``Task.init``), so the launcher can decide how m
 the edited config before any of them exists.
 """
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vocseg import settings
+from vocseg.clearml import agent_task_id
 from vocseg.clearml.session import CONFIG_OBJECT, SECTION, config_constants, config_overrides, say
 from vocseg.config import ConfigSource, literal_constants
 from vocseg.errors import UserError, one_line
@@ -32,7 +33,7 @@ class CloneEdits:
 def clone_source(source: ConfigSource) -> ConfigSource:
     """Under clearml-agent: what to run instead of ``source`` (the command line's config and mutations),
     with the task's edits applied; unchanged otherwise."""
-    task_id = os.environ.get("CLEARML_TASK_ID") or os.environ.get("TRAINS_TASK_ID")
+    task_id = agent_task_id()
     if not task_id:
         return source
     edits = read_clone_edits(task_id, source.config_path)
@@ -79,7 +80,7 @@ def read_clone_edits(task_id: str, config_path) -> CloneEdits:
         mutations = config_overrides(original, edited)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    gone = sorted(set(mutations) - set(literal_constants(result.config_path)))
+    gone = sorted(set(mutations) - set(literal_constants(result.config_path)) - set(settings.SETTINGS))
     if gone:
         raise UserError(
             f"{where}: {', '.join(f'{SECTION}/{n}' for n in gone)} edited, but the edited configuration "

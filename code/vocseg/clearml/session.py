@@ -28,8 +28,10 @@ from pathlib import Path
 
 import ignite.distributed as idist
 
+from vocseg import settings
+from vocseg.clearml import agent_task_id
 from vocseg.clearml.checkout import find_checkout
-from vocseg.config import literal_constants, peek_constant
+from vocseg.config import literal_constants
 from vocseg.errors import UserError, one_line
 from vocseg.runtime.ranks import from_rank_zero
 
@@ -49,8 +51,7 @@ def say(message: str) -> None:
 
 
 def running_under_agent() -> bool:
-    # clearml-agent exports the id of the task it executes; reading it avoids importing clearml.
-    return bool(os.environ.get("CLEARML_TASK_ID") or os.environ.get("TRAINS_TASK_ID"))
+    return agent_task_id() is not None
 
 
 def enabled() -> bool:
@@ -98,6 +99,12 @@ def config_overrides(original: Mapping, edited: Mapping) -> dict:
     """
     overrides = {}
     for name, value in edited.items():
+        if name not in original and name in settings.SETTINGS:
+            # A setting recorded from CONFIG_OVERRIDES that the file does not set as a literal.
+            cast = settings.parse_value(value) if isinstance(value, str) else value
+            settings.check({name: cast}, f"hyperparameter {SECTION}/{name}")
+            overrides[name] = cast
+            continue
         if name not in original:
             raise UserError(
                 f"hyperparameter {SECTION}/{name} is not a constant of the config (known: "
@@ -330,32 +337,31 @@ def announce_offline_session(folder) -> None:
     say(f"offline session: {archive}\n  import it into a ClearML server later with:\n  python {script} {archive}")
 
 
-def requested_queue(config_path) -> str | None:
+def requested_queue(source) -> str | None:
     """The queue this run is to be sent to instead of training here (never under an agent)."""
     if running_under_agent():
         return None
-    return os.environ.get("CLEARML_QUEUE") or peek_constant(config_path, "clearml_queue")
+    return source.setting("clearml_queue")
 
 
-def set_docker(task, config_path) -> None:
+def set_docker(task, source) -> None:
     """``clearml_docker_image`` (config) or CLEARML_DOCKER_IMAGE: the container an agent started with
     ``--docker`` runs this task (and its clones) in. DataLoader workers pass batches through shared memory,
     which Docker limits to 64 MB by default: hence ``--ipc=host`` unless other arguments are given."""
-    image = os.environ.get("CLEARML_DOCKER_IMAGE") or peek_constant(config_path, "clearml_docker_image")
+    image = source.setting("clearml_docker_image")
     if not image:
         return
-    arguments = os.environ.get("CLEARML_DOCKER_ARGUMENTS") or peek_constant(
-        config_path, "clearml_docker_arguments", default="--ipc=host"
-    )
+    arguments = source.setting("clearml_docker_arguments")
     task.set_base_docker(docker_image=str(image), docker_arguments=str(arguments))
     say(f"agents started with --docker run this task in {image} ({arguments})")
 
 
-def prepare(config_path, script_path, output_dir=None):
+def prepare(source, output_dir=None):
     """Rank 0's task of a tracked training run (None on the other ranks): a new one, or the one a rerun in
     ``output_dir`` continues. Enqueues the run instead, and exits, when a queue is requested. A clone's edits
     are already in ``config_path`` and the mutations (``clone_edits``, applied before the processes start)."""
-    queue = requested_queue(config_path)
+    config_path, script_path = source.config_path, source.script_path
+    queue = requested_queue(source)
     if queue and idist.get_world_size() > 1:
         raise UserError(
             f"CLEARML_QUEUE={queue} hands the run to an agent: start it as one process "
@@ -372,8 +378,9 @@ def prepare(config_path, script_path, output_dir=None):
             continue_id=None if queue else task_to_continue(output_dir),
         )
         if task.running_locally():
-            task.connect(config_constants(config_path), name=SECTION)
-            set_docker(task, config_path)
+            # The overrides too, as Config/* values: a clone shows them and can edit them.
+            task.connect({**config_constants(config_path), **source.overrides}, name=SECTION)
+            set_docker(task, source)
             if queue:
                 say(f"enqueueing the task in queue {queue!r}; this process exits")
                 task.execute_remotely(queue_name=queue, exit_process=True)

@@ -1,6 +1,5 @@
 """Scoring trained weights on VOC val at full resolution, with optional flip / multi-scale TTA."""
 
-import functools
 import logging
 from pathlib import Path
 
@@ -16,26 +15,9 @@ from vocseg.engine import precision
 from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.steps import create_evaluator
-from vocseg.runtime import launch, logs, machine
+from vocseg.runtime import logs, machine
 
 log = logging.getLogger("vocseg")
-
-
-def run(config, **_runner_kwargs) -> None:
-    """py_config_runner entry point (it also passes its own logger, unused) of code/scripts/evaluation.py."""
-    launch.launch(config, _evaluate_one_rank)
-
-
-def _evaluate_one_rank(source) -> None:
-    from vocseg.clearml import reports as clearml_reports
-    from vocseg.clearml import session as clearml_session
-
-    factory = None
-    outputs.check_output_base()
-    if clearml_session.enabled() and idist.get_rank() == 0:
-        task = clearml_session.init_task(source.config_path, "testing", source.script_path)
-        factory = functools.partial(clearml_reports.EvaluationReport, task)
-    evaluate(source.config_path, mutations=source.mutations or None, tracker_factory=factory)
 
 
 def _save_predictions(evaluator, folder: Path) -> None:
@@ -45,7 +27,7 @@ def _save_predictions(evaluator, folder: Path) -> None:
         save_palette_png(folder / f"{image_id}.png", pred[:h, :w])
 
 
-def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
+def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -> dict:
     check_constants(config_path, mutations)
     seed = int(peek_constant(config_path, "seed", mutations, default=0))
     machine.seed_everything(seed)
@@ -55,7 +37,8 @@ def evaluate(config_path, mutations=None, tracker_factory=None) -> dict:
     check_seed(config, seed)
     check_loaded(config, config_path)
     checked = sample_check.check_loaders({"data_loader": config.data_loader})
-    output_dir = outputs.make_output_dir(config_path)
+    # eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job.
+    output_dir = outputs.make_output_dir(config_path, name=f"eval-{outputs.run_name(run_name)}")
     logger = logs.setup_logging(output_dir)
     logger.info("before evaluation: %s", checked)
     device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)

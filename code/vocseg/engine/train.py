@@ -35,36 +35,11 @@ from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.models import backbone_source
-from vocseg.runtime import launch, logs, machine, ranks, signals
+from vocseg.runtime import logs, machine, ranks, signals
 from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
 log = logging.getLogger("vocseg")
-
-
-def run(config, **_runner_kwargs) -> None:
-    """py_config_runner entry point (it also passes its own logger, unused) of code/scripts/training.py."""
-    launch.launch(config, _train_one_rank)
-
-
-def _train_one_rank(source) -> None:
-    from vocseg.clearml import reports as clearml_reports
-    from vocseg.clearml import session as clearml_session
-
-    tracker_factory = None
-    outputs.check_output_base()
-    output_dir = outputs.run_dir(source.config_path)
-    if clearml_session.enabled():
-        # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
-        task = clearml_session.prepare(source.config_path, source.script_path, output_dir)
-        tracker_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
-    train(
-        source.config_path,
-        source.script_path,
-        mutations=source.mutations or None,
-        tracker_factory=tracker_factory,
-        output_dir=output_dir,
-    )
 
 
 def train(config_path, script_path=None, mutations=None, tracker_factory=None, output_dir=None) -> dict:
@@ -98,6 +73,8 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
     )
     if idist.get_rank() == 0:
         outputs.copy_sources(output_dir, config_path, script_path)
+        if mutations:  # what this run changed in its config file: CONFIG_OVERRIDES, a clone's edits
+            outputs.write_json(output_dir / "overrides.json", dict(mutations))
     tracker = (
         tracker_factory(
             config=config,
