@@ -8,14 +8,14 @@ import torch
 from ignite.engine import Events
 
 from vocseg import outputs
-from vocseg.config import check_constants, check_inference, check_loaded, check_seed, load_config, peek_constant
-from vocseg.data import sample_check
+from vocseg.config import check_inference
 from vocseg.data.voc import VOC_CLASSES, save_palette_png
 from vocseg.engine import precision
 from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.metrics import scalar_metrics
+from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator
-from vocseg.runtime import logs, machine
+from vocseg.runtime import machine
 
 log = logging.getLogger("vocseg")
 
@@ -28,21 +28,57 @@ def _save_predictions(evaluator, folder: Path) -> None:
 
 
 def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -> dict:
-    check_constants(config_path, mutations)
-    seed = int(peek_constant(config_path, "seed", mutations, default=0))
-    machine.seed_everything(seed)
-    config = load_config(config_path, mutations)
-    weights_path = resolve_weights(config.get("weights_path"))  # before the schema check: it names what to set
-    check_inference(config)
-    check_seed(config, seed)
-    check_loaded(config, config_path)
-    checked = sample_check.check_loaders({"data_loader": config.data_loader})
-    # eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job.
-    output_dir = outputs.make_output_dir(config_path, name=f"eval-{outputs.run_name(run_name)}")
-    logger = logs.setup_logging(output_dir)
-    logger.info("before evaluation: %s", checked)
-    device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
+    """Scores the config's weights on its data_loader; rank 0 writes metrics.json. Returns the results."""
+    weights = {}
+    config, _seed, output_dir, logger = prepare(
+        config_path,
+        mutations,
+        "evaluation",
+        {"data_loader": "data_loader"},
+        check_inference,
+        # Before the schema check, whose "missing weights_path" would not say what to set.
+        first=lambda loaded: weights.update(path=resolve_weights(loaded.get("weights_path"))),
+        # eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job.
+        name=f"eval-{outputs.run_name(run_name)}",
+    )
+    device = machine.choose_device(config.device, where=f"config {config_path}")
+    evaluator, amp_dtype, tta = _evaluator(config, config_path, weights["path"], device)
+    logger.info(
+        "evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
+        config.weights_path,
+        len(config.data_loader.dataset),
+        device,
+        precision.describe(amp_dtype),
+        tta["flip"],
+        tuple(tta["scales"]),
+        output_dir,
+    )
+    if config.get("save_predictions", False):
+        folder = output_dir / "predictions"
+        folder.mkdir(exist_ok=True)
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, _save_predictions, folder)
 
+    evaluator.run(config.data_loader)
+    metrics = scalar_metrics(evaluator.state.metrics)
+    per_class = {name: float(v) for name, v in zip(VOC_CLASSES, evaluator.state.metrics["IoU"])}
+    result = {
+        "val": {**metrics, "IoU": per_class},
+        "weights_path": str(config.weights_path),
+        "tta": tta,
+        "output_dir": str(output_dir),
+    }
+    if idist.get_rank() == 0:
+        outputs.write_json(output_dir / "metrics.json", result)
+        if tracker_factory:
+            tracker_factory(config=config, output_dir=output_dir, result=result, evaluator=evaluator).close()
+    logger.info("val %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    logger.info("metrics written to %s", output_dir / "metrics.json")
+    return result
+
+
+def _evaluator(config, config_path, weights_path, device):
+    """The evaluator of the config's model with the weights loaded, its precision, and its test-time
+    augmentation."""
     model = config.model
     load_weights(model, weights_path)
     model = model.to(device)
@@ -57,35 +93,4 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
         scales=scales,
         num_classes=int(config.get("num_classes", 21)),
     )
-    logger.info(
-        "evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
-        config.weights_path,
-        len(config.data_loader.dataset),
-        device,
-        precision.describe(amp_dtype),
-        flip,
-        scales,
-        output_dir,
-    )
-
-    if config.get("save_predictions", False):
-        folder = output_dir / "predictions"
-        folder.mkdir(exist_ok=True)
-        evaluator.add_event_handler(Events.ITERATION_COMPLETED, _save_predictions, folder)
-
-    evaluator.run(config.data_loader)
-    metrics = scalar_metrics(evaluator.state.metrics)
-    per_class = {name: float(v) for name, v in zip(VOC_CLASSES, evaluator.state.metrics["IoU"])}
-    result = {
-        "val": {**metrics, "IoU": per_class},
-        "weights_path": str(config.weights_path),
-        "tta": {"flip": flip, "scales": list(scales)},
-        "output_dir": str(output_dir),
-    }
-    if idist.get_rank() == 0:
-        outputs.write_json(output_dir / "metrics.json", result)
-        if tracker_factory:
-            tracker_factory(config=config, output_dir=output_dir, result=result, evaluator=evaluator).close()
-    logger.info("val %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    logger.info("metrics written to %s", output_dir / "metrics.json")
-    return result
+    return evaluator, amp_dtype, {"flip": flip, "scales": list(scales)}

@@ -1,7 +1,8 @@
-"""The training run behind ``code/scripts/training.py``: config -> runtime -> dataflow -> model -> engines -> outputs.
+"""One training process, behind ``code/scripts/training.py`` (vocseg.entry wires settings -> launch -> here).
 
-``train()`` reads top to bottom: build what the config describes, attach the handlers (checkpoints,
-validation, logging, tracking), resume if asked, run.
+``train()`` reads top to bottom: prepare the config and the run folder, build the model and the engines (the
+loss and the optimiser step: ``vocseg.engine.steps.train_step``), register every handler in one list, resume,
+run. Everything the process works with is one ``Run``.
 """
 
 import functools
@@ -9,7 +10,9 @@ import logging
 import math
 import platform
 import sys
-from types import SimpleNamespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import ignite
 import ignite.distributed as idist
@@ -19,8 +22,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from vocseg import outputs
-from vocseg.config import check_constants, check_loaded, check_seed, check_trainval, load_config, peek_constant
-from vocseg.data import sample_check
+from vocseg.config import check_trainval
 from vocseg.dataflow import images_scored
 from vocseg.engine import precision
 from vocseg.engine.checkpoints import (
@@ -32,108 +34,117 @@ from vocseg.engine.checkpoints import (
     training_checkpointer,
 )
 from vocseg.engine.metrics import scalar_metrics
+from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.models import backbone_source
-from vocseg.runtime import logs, machine, ranks, signals
+from vocseg.runtime import machine, ranks, signals
 from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
 log = logging.getLogger("vocseg")
 
 
+@dataclass
+class Run:
+    """What one training process works with: built once from the config, then driven by Ignite's engines."""
+
+    config: Any
+    output_dir: Path
+    device: torch.device
+    precision: str
+    sync_bn: bool
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    trainer: Engine
+    evaluators: dict  # tag -> evaluator: train_eval, then val
+    train_loader: Any
+    loaders: dict  # tag -> the loader its evaluator scores (None: not scored)
+    to_save: dict  # what a training checkpoint holds
+    accumulation_steps: int
+    num_epochs: int
+    val_interval: int
+    save_every_iters: int
+    log_every: int
+    backbone_source: str | None
+    best: Any = None  # the best-model checkpointer
+    checkpointer: Any = None  # the training checkpointer
+    results: dict = field(default_factory=dict)  # tag -> the latest validation's metrics
+    preempted: str = ""  # the stop signal honoured, if any
+    closers: list = field(default_factory=list)  # what must be closed when training ends, in order
+    tracker: Any = None  # rank 0's ClearML tracker, when tracking
+
+
+TRAIN_LOADERS = {"train": "train_loader", "val": "val_loader", "train_eval": "train_eval_loader"}
+
+
 def train(config_path, script_path=None, mutations=None, tracker_factory=None, output_dir=None) -> dict:
     """Runs one training process (one rank). Returns the final metrics (rank 0 writes them too).
     ``output_dir``: the run folder (default: ``outputs.run_dir``)."""
-    check_constants(config_path, mutations)
-    seed = int(peek_constant(config_path, "seed", mutations, default=0))
-    machine.seed_everything(seed)  # before the config builds its model
-    config = load_config(config_path, mutations)
-    check_trainval(config)
-    check_seed(config, seed)
-    check_loaded(config, config_path)
-    checked = sample_check.check_loaders(
-        {"train": config.train_loader, "val": config.val_loader, "train_eval": config.get("train_eval_loader")}
+    config, seed, output_dir, logger = prepare(
+        config_path, mutations, "training", TRAIN_LOADERS, check_trainval, output_dir=output_dir
     )
-    output_dir = outputs.make_output_dir(config_path, output_dir)
-    logger = logs.setup_logging(output_dir)
-    logger.info("before training: %s", checked)
-
-    run = _build(config, config_path, seed)
-    _log_header(run, config_path, output_dir)
-    checkpointer = _attach_checkpoints(run, output_dir)
-    _attach_preemption(run)
-    results = _attach_validation(run, output_dir)
-    run.save_after_validation()
-    _attach_progress_logging(run)
-    tb = (
-        outputs.setup_tensorboard(output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every)
-        if idist.get_rank() == 0
-        else None
+    run = _build(config, config_path, seed, output_dir)
+    _log_header(run, config_path)
+    # Ignite calls the handlers of an event in this order: the checkpoint at an epoch's end must come after
+    # that epoch's validation (so a resumed run loses none), and the tracker reads what the others set up.
+    register_handlers(
+        run,
+        [
+            save_checkpoints,
+            keep_best_models,
+            stop_early,
+            stop_on_preemption_signal,
+            validate,
+            save_checkpoint_after_validation,
+            log_progress,
+            write_tensorboard,
+            record_sources(config_path, script_path, mutations),
+            track(tracker_factory, logger),
+        ],
     )
-    if idist.get_rank() == 0:
-        outputs.copy_sources(output_dir, config_path, script_path)
-        if mutations:  # what this run changed in its config file: CONFIG_OVERRIDES, a clone's edits
-            outputs.write_json(output_dir / "overrides.json", dict(mutations))
-    tracker = (
-        tracker_factory(
-            config=config,
-            output_dir=output_dir,
-            trainer=run.trainer,
-            evaluators=run.evaluators,
-            optimizer=run.optimizer,
-            model=run.model,
-            best=run.best,
-            logger=logger,
-            checkpointer=checkpointer,
-        )
-        if tracker_factory
-        else None
-    )
-
-    resumed_from = _resume(run, config.get("resume_from"), output_dir, tracker)
+    resumed_from = _resume(run, config.get("resume_from"))
     try:
         run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
     except signals.Interrupted as exc:
-        raise _how_to_continue(exc, run, checkpointer, resumed_from) from None
+        raise _how_to_continue(exc, run, resumed_from) from None
     finally:
-        if tb is not None:
-            tb.close()
-            if sys.exc_info()[1] is None:  # a finished run (a NaN stop included), not a crash
-                _write_summary(output_dir)
-        if tracker is not None:
-            tracker.close()  # after the summary: the tracker attaches summary.png
-
-    if run.trainer.state.preempted:
-        raise signals.Preempted(
-            f"{run.trainer.state.preempted}: stopped at iteration {run.trainer.state.iteration} "
-            f"with checkpoint {output_dir / 'checkpoints' / checkpointer.last_checkpoint}; "
-            f"a rerun with the same run folder continues from it"
-        )
-    if run.trainer.state.nan_iteration is not None:
-        good = checkpointer.last_checkpoint
-        raise UserError(
-            f"loss became NaN at iteration {run.trainer.state.nan_iteration}; training stopped. Last good checkpoint: "
-            f"{output_dir / 'checkpoints' / good if good else 'none yet'}. Lower the learning rate or check the data"
-        )
-    results.write({"completed": True})
+        _close(run, finished=sys.exc_info()[1] is None)
+    _raise_if_stopped(run)
+    _write_results(run, {"completed": True})
     logger.info("done: metrics in %s", output_dir / "metrics.json")
-    return {**results.values, "output_dir": str(output_dir)}
+    return {**run.results, "output_dir": str(output_dir)}
 
 
-def _write_summary(output_dir) -> None:
-    from vocseg import run_summary  # matplotlib and TensorBoard's reader load only when a run ends
-
-    try:
-        path = run_summary.write_summary(output_dir)
-    except Exception as exc:  # a plot must not fail a run whose weights and metrics are already saved
-        log.warning("summary.png not written: %s: %s", type(exc).__name__, exc)
-        return
-    log.info("summary %s | curves: tensorboard --logdir %s", path, output_dir / "tb")
+def register_handlers(run: Run, handlers) -> None:
+    for attach in handlers:
+        attach(run)
 
 
-def _how_to_continue(exc, run, checkpointer, resumed_from) -> signals.Interrupted:
-    last = checkpointer.last_checkpoint or resumed_from
+def _close(run: Run, finished: bool) -> None:
+    # TensorBoard first, then the summary plot from its events (a finished run, a NaN stop included, not a
+    # crash), then the tracker, which attaches summary.png.
+    for closer in run.closers:
+        closer(finished)
+
+
+def _raise_if_stopped(run: Run) -> None:
+    state, folder = run.trainer.state, run.output_dir / "checkpoints"
+    if run.preempted:
+        raise signals.Preempted(
+            f"{run.preempted}: stopped at iteration {state.iteration} with checkpoint "
+            f"{folder / run.checkpointer.last_checkpoint}; a rerun with the same run folder continues from it"
+        )
+    if state.nan_iteration is not None:
+        good = run.checkpointer.last_checkpoint
+        raise UserError(
+            f"loss became NaN at iteration {state.nan_iteration}; training stopped. Last good checkpoint: "
+            f"{folder / good if good else 'none yet'}. Lower the learning rate or check the data"
+        )
+
+
+def _how_to_continue(exc, run: Run, resumed_from) -> signals.Interrupted:
+    last = run.checkpointer.last_checkpoint or resumed_from
     state = run.trainer.state
     where = f"{exc} at iteration {state.iteration} (epoch {state.epoch})"
     if not last:
@@ -144,13 +155,8 @@ def _how_to_continue(exc, run, checkpointer, resumed_from) -> signals.Interrupte
     return signals.Interrupted(exc.signum, f"{where}; last checkpoint {last}: continue with RESUME_FROM={last}")
 
 
-def _device(config, config_path) -> torch.device:
-    device = idist.device() if idist.get_world_size() > 1 else torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"config {config_path}: device='cuda' but no GPU is visible: set device='cpu'")
-    if device.type == "cpu":
-        machine.tune_cpu_allocator()
-    return device
+# ---------------------------------------------------------------------------------------------------------
+# Building the run from the loaded config.
 
 
 def _sync_bn(config, device) -> bool:
@@ -179,9 +185,7 @@ def _gpu_switches(config, device, model):
     return model, channels_last
 
 
-def _build(config, config_path, seed: int) -> SimpleNamespace:
-    """The model on its device, the engines and the run controls, from the loaded config."""
-    device = _device(config, config_path)
+def _schedule(config, config_path) -> dict:
     accumulation_steps = int(config.get("accumulation_steps", 1))
     save_every_iters = int(config.get("save_every_iters", 1000))
     if save_every_iters % accumulation_steps:
@@ -189,60 +193,69 @@ def _build(config, config_path, seed: int) -> SimpleNamespace:
             f"config {config_path}: save_every_iters={save_every_iters} must be a multiple of "
             f"accumulation_steps={accumulation_steps} so checkpoints never split an accumulated step"
         )
+    return dict(
+        accumulation_steps=accumulation_steps,
+        num_epochs=int(config.num_epochs),
+        val_interval=int(config.get("val_interval", 1)),
+        save_every_iters=save_every_iters,
+        log_every=int(config.get("log_every_iters", 10)),
+    )
+
+
+def _build(config, config_path, seed: int, output_dir) -> Run:
+    """The model on its device, the engines and the schedule, from the loaded config."""
+    device = machine.choose_device(config.device, where=f"config {config_path}")
+    schedule = _schedule(config, config_path)
     amp_dtype = precision.amp_dtype(config.get("amp", "auto"), device, where=f"config {config_path}")
     sync_bn = _sync_bn(config, device)
     model, channels_last = _gpu_switches(config, device, config.model)
     model = idist.auto_model(model, sync_bn=sync_bn)
     if device.type == "cpu" and idist.get_world_size() == 1:
         model = model.to(device)
-    optimizer, lr_scheduler = config.optimizer, config.lr_scheduler
-    num_classes, log_every = int(config.get("num_classes", 21)), int(config.get("log_every_iters", 10))
     trainer = create_trainer(
         model,
-        optimizer,
+        config.optimizer,
         config.criterion.to(device),
-        lr_scheduler,
+        config.lr_scheduler,
         config.train_loader.sampler,
         device=device,
         seed=seed,
         amp_dtype=amp_dtype,
-        accumulation_steps=accumulation_steps,
+        accumulation_steps=schedule["accumulation_steps"],
         channels_last=channels_last,
         compile_model=config.get("compile_model", False),
-        check_every=(save_every_iters, log_every),
+        check_every=(schedule["save_every_iters"], schedule["log_every"]),
     )
+    num_classes = int(config.get("num_classes", 21))
     evaluators = {
         tag: create_evaluator(
             model, device=device, amp_dtype=amp_dtype, num_classes=num_classes, channels_last=channels_last
         )
         for tag in ("train_eval", "val")
     }
-    return SimpleNamespace(
+    to_save = {
+        "settings": _run_settings(config, schedule["accumulation_steps"]),
+        "trainer": trainer,
+        "model": model,
+        "optimizer": config.optimizer,
+        "lr_scheduler": config.lr_scheduler,
+        "scaler": trainer.scaler,
+    }
+    return Run(
         config=config,
+        output_dir=output_dir,
         device=device,
-        amp=precision.describe(amp_dtype),
+        precision=precision.describe(amp_dtype),
         sync_bn=sync_bn,
         model=model,
-        optimizer=optimizer,
+        optimizer=config.optimizer,
         trainer=trainer,
         evaluators=evaluators,
         train_loader=config.train_loader,
         loaders={"train_eval": config.train_eval_loader, "val": config.val_loader},
-        to_save={
-            "settings": _run_settings(config, accumulation_steps),
-            "trainer": trainer,
-            "model": model,
-            "optimizer": optimizer,
-            "lr_scheduler": lr_scheduler,
-            "scaler": trainer.scaler,
-        },
-        accumulation_steps=accumulation_steps,
-        num_epochs=int(config.num_epochs),
-        val_interval=int(config.get("val_interval", 1)),
-        save_every_iters=save_every_iters,
-        log_every=log_every,
-        best=None,
+        to_save=to_save,
         backbone_source=backbone_source(model),
+        **schedule,
     )
 
 
@@ -261,7 +274,40 @@ def _run_settings(config, accumulation_steps: int) -> RunSettings:
     )
 
 
-def _resume(run, resume_from, output_dir, tracker=None):
+def _log_header(run: Run, config_path) -> None:
+    train_loader, val_loader, train_eval_loader = run.train_loader, run.loaders["val"], run.loaders["train_eval"]
+    log.info(
+        "vocseg %s | torch %s | torchvision %s | ignite %s | python %s",
+        __import__("vocseg").__version__,
+        torch.__version__,
+        torchvision.__version__,
+        ignite.__version__,
+        platform.python_version(),
+    )
+    log.info(
+        "device %s | world size %d | precision %s | sync_bn %s | config %s",
+        run.device,
+        idist.get_world_size(),
+        run.precision,
+        "on" if run.sync_bn else "off",
+        config_path,
+    )
+    log.info("backbone weights: %s", run.backbone_source or "not recorded (the model is not a vocseg.models build)")
+    log.info(
+        "train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
+        len(train_loader.dataset),
+        len(train_loader),
+        images_scored(val_loader),
+        images_scored(train_eval_loader) if train_eval_loader is not None else 0,
+    )
+    log.info("output folder %s", run.output_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming.
+
+
+def _resume(run: Run, resume_from):
     """From ``RESUME_FROM`` when given, else from the newest complete checkpoint already in the run folder
     (a restarted, requeued or re-enqueued run finds its own folder again: outputs.run_name), else from the
     one its ClearML task holds (a task enqueued again on another machine). Returns the checkpoint it
@@ -269,12 +315,10 @@ def _resume(run, resume_from, output_dir, tracker=None):
     new_run = "unset RESUME_FROM to start a new run"
     if not resume_from:
         # Every rank resumes from the file rank 0 chose (and may have fetched), or stops with its error.
-        found = ranks.from_rank_zero(
-            "choosing the checkpoint to resume from", functools.partial(_own_checkpoint, output_dir, tracker)
-        )
+        found = ranks.from_rank_zero("choosing the checkpoint to resume from", functools.partial(_own_checkpoint, run))
         if not found:
             return None
-        resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {output_dir})"
+        resume_from, new_run = found, f"set another RUN_NAME to start a new run (this one is {run.output_dir})"
     run.to_save["settings"].fixes = f"restore the old settings to continue, or {new_run}"
     resume(run.to_save, resume_from, optional=("best_models", "early_stopping"))
     total = run.num_epochs * len(run.train_loader)
@@ -283,7 +327,7 @@ def _resume(run, resume_from, output_dir, tracker=None):
             f"checkpoint {resume_from} ends a finished run (iteration {run.trainer.state.iteration} of "
             f"{total}): nothing left to train; {new_run}"
         )
-    missing = carry_best_models(run.best, resume_from, output_dir / "best")
+    missing = carry_best_models(run.best, resume_from, run.output_dir / "best")
     stopper = run.to_save.get("early_stopping")
     log.info(
         "resumed from %s at iteration %d (epoch %d); best models %s%s",
@@ -302,85 +346,62 @@ def _resume(run, resume_from, output_dir, tracker=None):
     return resume_from
 
 
-def _own_checkpoint(output_dir, tracker):
+def _own_checkpoint(run: Run):
     """The newest checkpoint of the run folder, else of its ClearML task (rank 0 alone has a tracker), else None.
     Raises UserError when the task's cannot be fetched."""
-    found = newest_complete_checkpoint(output_dir / "checkpoints")
-    if found is None and tracker is not None:
-        found = tracker.fetch_checkpoint(output_dir / "checkpoints")
+    found = newest_complete_checkpoint(run.output_dir / "checkpoints")
+    if found is None and run.tracker is not None:
+        found = run.tracker.fetch_checkpoint(run.output_dir / "checkpoints")
     return found
 
 
-def _log_header(run, config_path, output_dir) -> None:
-    train_loader, val_loader, train_eval_loader = run.train_loader, run.loaders["val"], run.loaders["train_eval"]
-    log.info(
-        "vocseg %s | torch %s | torchvision %s | ignite %s | python %s",
-        __import__("vocseg").__version__,
-        torch.__version__,
-        torchvision.__version__,
-        ignite.__version__,
-        platform.python_version(),
-    )
-    log.info(
-        "device %s | world size %d | precision %s | sync_bn %s | config %s",
-        run.device,
-        idist.get_world_size(),
-        run.amp,
-        "on" if run.sync_bn else "off",
-        config_path,
-    )
-    log.info("backbone weights: %s", run.backbone_source or "not recorded (the model is not a vocseg.models build)")
-    log.info(
-        "train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
-        len(train_loader.dataset),
-        len(train_loader),
-        images_scored(val_loader),
-        images_scored(train_eval_loader) if train_eval_loader is not None else 0,
-    )
-    log.info("output folder %s", output_dir)
+# ---------------------------------------------------------------------------------------------------------
+# The handlers, in the order train() registers them.
 
 
-def _attach_checkpoints(run, output_dir):
-    """Training checkpoints every ``save_every_iters`` and at the end; the best two models by val mIoU. The
-    training checkpoint holds the best-model record and early stopping's state, so a resumed run remembers
-    the scores it has to beat; one that falls at the end of an epoch is written after that epoch's validation.
-    """
-    run.best = best_model_checkpointer(run.model, output_dir / "best", run.trainer)
-    run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
+def _save_if_sound(run: Run, engine: Engine) -> None:
+    if engine.state.nan_iteration is None:  # never persist weights that a NaN step already ruined
+        run.checkpointer(engine)
+
+
+def save_checkpoints(run: Run) -> None:
+    """A training checkpoint every ``save_every_iters`` iterations inside an epoch, and at the end (a stop on
+    a signal included). It holds the best-model record and early stopping's state, so a resumed run remembers
+    the scores it has to beat."""
+    run.best = best_model_checkpointer(run.model, run.output_dir / "best", run.trainer)
     run.to_save["best_models"] = run.best
+    run.checkpointer = training_checkpointer(run.to_save, run.output_dir / "checkpoints")
+    every = run.save_every_iters
+    run.trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length != 0)
+        | Events.COMPLETED,
+        functools.partial(_save_if_sound, run),
+    )
+
+
+def keep_best_models(run: Run) -> None:
+    """The best two models by val mIoU, in ``best/``."""
+    run.evaluators["val"].add_event_handler(Events.COMPLETED, run.best)
+
+
+def stop_early(run: Run) -> None:
+    """Early stopping after ``es_patience`` validations without a better val mIoU, when set."""
     if run.config.get("es_patience"):
         stopper = EarlyStopping(
             int(run.config.es_patience), score_function=lambda e: e.state.metrics["mIoU"], trainer=run.trainer
         )
         run.evaluators["val"].add_event_handler(Events.COMPLETED, stopper)
         run.to_save["early_stopping"] = stopper
-    checkpointer = training_checkpointer(run.to_save, output_dir / "checkpoints")
-
-    def save_checkpoint(engine):
-        if engine.state.nan_iteration is None:  # never persist weights that a NaN step already ruined
-            checkpointer(engine)
-
-    every = run.save_every_iters
-    run.trainer.add_event_handler(
-        Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length != 0)
-        | Events.COMPLETED,
-        save_checkpoint,
-    )
-    run.save_after_validation = lambda: run.trainer.add_event_handler(
-        Events.EPOCH_COMPLETED(event_filter=lambda e, _: e.state.iteration % every == 0), save_checkpoint
-    )
-    return checkpointer
 
 
-def _attach_preemption(run) -> None:
+def stop_on_preemption_signal(run: Run) -> None:
     """A stop signal (SLURM's warning before preemption or the time limit) ends the run at the next iteration
-    boundary where a checkpoint is exact: the COMPLETED checkpoint then saves it (``_attach_checkpoints``).
+    boundary where a checkpoint is exact: the COMPLETED checkpoint then saves it.
 
     Never on an epoch's last iteration: its validation runs first, so a resumed run loses none. Ranks agree
     through one all_reduce every ``log_every_iters`` iterations (a collective per step would stall GPUs).
     """
     signals.catch_preemption_signal()
-    run.trainer.state.preempted = ""
     every = math.lcm(run.accumulation_steps, 1 if idist.get_world_size() == 1 else run.log_every)
 
     @run.trainer.on(Events.ITERATION_COMPLETED(every=every))
@@ -395,44 +416,12 @@ def _attach_preemption(run) -> None:
                 engine.state.iteration,
                 signals.PREEMPTED_EXIT,
             )
-            engine.state.preempted = asked
+            run.preempted = asked
             engine.terminate()
 
 
-class _Results:
-    """The latest validation results, kept in metrics.json (rank 0) after every validation."""
-
-    def __init__(self, run, output_dir):
-        self.run, self.output_dir, self.values = run, output_dir, {}
-
-    def write(self, extra=None) -> None:
-        if idist.get_rank() == 0:
-            best = self.run.best.last_checkpoint
-            outputs.write_json(
-                self.output_dir / "metrics.json",
-                {
-                    **self.values,
-                    "epoch": self.run.trainer.state.epoch,
-                    "iteration": self.run.trainer.state.iteration,
-                    "best_model": best and str(self.output_dir / "best" / best),
-                    "output_dir": str(self.output_dir),
-                    "backbone_source": self.run.backbone_source,
-                    "precision": self.run.amp,
-                    **(extra or {}),
-                },
-            )
-
-
-def _capture_grid(evaluator: Engine) -> None:
-    # The first validation batch of rank 0 becomes the image | ground truth | prediction grid.
-    if evaluator.state.iteration == 1 and idist.get_rank() == 0:
-        out = evaluator.state.output
-        evaluator.state.grid = comparison_grid(evaluator.state.batch["image"], out["y"], out["y_pred"].argmax(1))
-
-
-def _attach_validation(run, output_dir) -> _Results:
-    """train_eval then val every ``val_interval`` epochs and after the last one."""
-    results = _Results(run, output_dir)
+def validate(run: Run) -> None:
+    """train_eval then val every ``val_interval`` epochs and after the last one; metrics.json after each."""
     timer = Timer(average=True)
     timer.attach(
         run.trainer,
@@ -442,37 +431,70 @@ def _attach_validation(run, output_dir) -> _Results:
         step=Events.ITERATION_COMPLETED,
     )
     run.evaluators["val"].add_event_handler(Events.ITERATION_COMPLETED, _capture_grid)
-    rank, world_size = idist.get_rank(), idist.get_world_size()
 
     @run.trainer.on(
         Events.EPOCH_COMPLETED(event_filter=lambda _, epoch: epoch % run.val_interval == 0 or epoch == run.num_epochs)
     )
-    def validate(engine):
+    def _validate(engine):
         epoch = engine.state.epoch
         log.info("epoch %d: %.3f s/iteration", epoch, timer.value())
         for tag, evaluator in run.evaluators.items():
             if run.loaders[tag] is None:
                 continue
             evaluator.run(run.loaders[tag])
-            values = results.values[tag] = scalar_metrics(evaluator.state.metrics)
+            values = run.results[tag] = scalar_metrics(evaluator.state.metrics)
             values["IoU"] = [float(v) for v in evaluator.state.metrics["IoU"]]
             log.info("epoch %d %s: %s", epoch, tag, " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "IoU"))
-        if world_size > 1:
+        if idist.get_world_size() > 1:
             # Exact values from every rank: they must agree, as the confusion matrices are summed over ranks.
             log.info(
                 "epoch %d rank %d/%d: %s",
                 epoch,
-                rank,
-                world_size,
-                " ".join(f"{tag}_mIoU={m['mIoU']!r}" for tag, m in results.values.items()),
+                idist.get_rank(),
+                idist.get_world_size(),
+                " ".join(f"{tag}_mIoU={m['mIoU']!r}" for tag, m in run.results.items()),
                 extra=ALL_RANKS,
             )
-        results.write()
-
-    return results
+        _write_results(run)
 
 
-def _attach_progress_logging(run) -> None:
+def _capture_grid(evaluator: Engine) -> None:
+    # The first validation batch of rank 0 becomes the image | ground truth | prediction grid.
+    if evaluator.state.iteration == 1 and idist.get_rank() == 0:
+        out = evaluator.state.output
+        evaluator.state.grid = comparison_grid(evaluator.state.batch["image"], out["y"], out["y_pred"].argmax(1))
+
+
+def _write_results(run: Run, extra=None) -> None:
+    """metrics.json (rank 0): the latest validation's results and where the run stands."""
+    if idist.get_rank() > 0:
+        return
+    best = run.best.last_checkpoint
+    outputs.write_json(
+        run.output_dir / "metrics.json",
+        {
+            **run.results,
+            "epoch": run.trainer.state.epoch,
+            "iteration": run.trainer.state.iteration,
+            "best_model": best and str(run.output_dir / "best" / best),
+            "output_dir": str(run.output_dir),
+            "backbone_source": run.backbone_source,
+            "precision": run.precision,
+            **(extra or {}),
+        },
+    )
+
+
+def save_checkpoint_after_validation(run: Run) -> None:
+    """A checkpoint that falls on an epoch's end, written once that epoch's validation is done."""
+    every = run.save_every_iters
+    run.trainer.add_event_handler(
+        Events.EPOCH_COMPLETED(event_filter=lambda e, _: e.state.iteration % every == 0),
+        functools.partial(_save_if_sound, run),
+    )
+
+
+def log_progress(run: Run) -> None:
     """Rank 0: a progress bar on a terminal, plain loss/LR lines every ``log_every_iters`` otherwise, and the
     first and last iterations (benchmarks/startup_exit.py measures start-up and exit from them)."""
     trainer, optimizer = run.trainer, run.optimizer
@@ -484,13 +506,9 @@ def _attach_progress_logging(run) -> None:
 
         @trainer.on(Events.ITERATION_COMPLETED(every=run.log_every))
         def _log_loss(engine):
-            log.info(
-                "epoch %d iteration %d loss %.4f lr %s",
-                engine.state.epoch,
-                engine.state.iteration,
-                float(engine.state.output["batch_loss"]),
-                " ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups),
-            )
+            lrs = " ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups)
+            loss = float(engine.state.output["batch_loss"])
+            log.info("epoch %d iteration %d loss %.4f lr %s", engine.state.epoch, engine.state.iteration, loss, lrs)
 
     first_logged = []  # a resumed run starts at its checkpoint's iteration, not at 1
 
@@ -507,3 +525,64 @@ def _attach_progress_logging(run) -> None:
     )
     def _log_last_iteration(engine):
         log.info("last iteration %d completed", engine.state.iteration)
+
+
+def write_tensorboard(run: Run) -> None:
+    """Rank 0: TensorBoard events in ``tb/``; when the run ends, summary.png from them."""
+    if idist.get_rank() > 0:
+        return
+    tb = outputs.setup_tensorboard(run.output_dir, run.trainer, run.optimizer, run.evaluators, run.log_every)
+
+    def close(finished: bool) -> None:
+        tb.close()
+        if finished:
+            _write_summary(run.output_dir)
+
+    run.closers.append(close)
+
+
+def _write_summary(output_dir) -> None:
+    from vocseg import run_summary  # matplotlib and TensorBoard's reader load only when a run ends
+
+    try:
+        path = run_summary.write_summary(output_dir)
+    except Exception as exc:  # a plot must not fail a run whose weights and metrics are already saved
+        log.warning("summary.png not written: %s: %s", type(exc).__name__, exc)
+        return
+    log.info("summary %s | curves: tensorboard --logdir %s", path, output_dir / "tb")
+
+
+def record_sources(config_path, script_path, mutations):
+    """Rank 0: the config and the script next to the outputs, and what this run changed in the config
+    (CONFIG_OVERRIDES, a clone's edits) in overrides.json."""
+
+    def attach(run: Run) -> None:
+        if idist.get_rank() > 0:
+            return
+        outputs.copy_sources(run.output_dir, config_path, script_path)
+        if mutations:
+            outputs.write_json(run.output_dir / "overrides.json", dict(mutations))
+
+    return attach
+
+
+def track(tracker_factory, logger):
+    """Rank 0 with tracking on: the tracker (ClearML) attaches its own handlers to the engines."""
+
+    def attach(run: Run) -> None:
+        if tracker_factory is None:
+            return
+        run.tracker = tracker_factory(
+            config=run.config,
+            output_dir=run.output_dir,
+            trainer=run.trainer,
+            evaluators=run.evaluators,
+            optimizer=run.optimizer,
+            model=run.model,
+            best=run.best,
+            logger=logger,
+            checkpointer=run.checkpointer,
+        )
+        run.closers.append(lambda _finished: run.tracker.close())
+
+    return attach

@@ -1,4 +1,4 @@
-"""Process-wide settings of the machine: seeds and the CPU allocator.
+"""The machine a process runs on: its device, seeds and the CPU allocator.
 
 ``VOCSEG_CPU_ALLOCATOR=default`` leaves glibc's allocator alone in CPU runs (see ``tune_cpu_allocator``).
 """
@@ -8,8 +8,11 @@ import os
 import random
 import sys
 
+import ignite.distributed as idist
 import numpy as np
 import torch
+
+from vocseg.errors import UserError
 
 
 def seed_everything(seed: int) -> None:
@@ -36,3 +39,17 @@ def tune_cpu_allocator() -> bool:
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 64 << 20)
     return True
+
+
+def choose_device(requested, where: str) -> torch.device:
+    """The device of this process: its GPU in a process group (idist), else ``requested``; a CUDA device with no
+    GPU visible stops the run. On the CPU, glibc's allocator is tuned (``tune_cpu_allocator``)."""
+    device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
+            "(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
+        )
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return device
