@@ -35,7 +35,7 @@ from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.models import backbone_source
-from vocseg.runtime import launch, logs, machine, ranks, signals
+from vocseg.runtime import folder_lock, launch, logs, machine, ranks, signals
 from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
@@ -54,6 +54,7 @@ def _train_one_rank(source) -> None:
     tracker_factory = None
     outputs.check_output_base()
     output_dir = outputs.run_dir(source.config_path)
+    folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
     if clearml_session.enabled():
         # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
         task = clearml_session.prepare(source.config_path, source.script_path, output_dir)
