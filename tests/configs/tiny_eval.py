@@ -9,10 +9,7 @@ seed = 1
 device = "cpu"
 amp = "off"
 data_loader = get_val_loader(
-    voc_root_from_env(),
-    batch_size=int(os.environ.get("TINY_VAL_BATCH", 4)),
-    num_workers=0,
-    limit_num_samples=int(os.environ.get("TINY_VAL_LIMIT", 0)) or None,
+    voc_root_from_env(), batch_size=4, num_workers=0, limit_num_samples=int(os.environ.get("TINY_VAL_LIMIT", 0)) or None
 )
 model = deeplabv3("mobilenet_v3_large", aux_loss=False, pretrained_backbone=False)
 weights_path = os.environ.get("WEIGHTS_PATH")
