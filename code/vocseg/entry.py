@@ -16,7 +16,7 @@ from vocseg.config import ConfigSource, config_source, with_overrides
 from vocseg.engine.evaluate import evaluate
 from vocseg.engine.train import train
 from vocseg.errors import UserError, exit_with
-from vocseg.runtime import launch, signals
+from vocseg.runtime import folder_lock, launch, signals
 
 
 def run_training(config, **_runner_kwargs) -> None:
@@ -65,6 +65,7 @@ def _exit_codes():
 def _train_one_rank(source: ConfigSource) -> None:
     outputs.check_output_base()
     output_dir = outputs.run_dir(source.config_path, source.setting("run_name"))
+    folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
     tracker_factory = None
     if clearml_session.enabled():
         # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.

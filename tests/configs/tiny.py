@@ -22,6 +22,7 @@ train_loader, val_loader, train_eval_loader = get_dataloaders(
     crop_size=64,
     seed=seed,
     train_eval_num_samples=6,
+    limit_val_num_samples=int(os.environ.get("TINY_VAL_LIMIT", 0)) or None,
 )
 num_classes = 21
 model = deeplabv3(

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from vocseg.clearml.session import PROJECT, SECTION
+from vocseg.clearml.session import PROJECT, SECTION, task_name
 from vocseg.errors import UserError, one_line
 
 OBJECTIVE = ("val", "mIoU")
@@ -162,14 +162,15 @@ def find_base_task(ref: str):
             return Task.get_task(task_id=ref)
         except Exception as exc:
             raise UserError(f"base task {ref}: no such task on the server ({one_line(exc)})") from None
+    name = task_name(ref.removesuffix(".py"))  # a config name as given, or the name a short one's task gets
     tasks = [
         t
         for t in Task.get_tasks(
             project_name=PROJECT,
-            task_name=f"^{re.escape(ref)}$",
+            task_name=f"^{re.escape(name)}$",
             task_filter={"status": ["completed"], "order_by": ["-last_update"], "type": ["training"]},
         )
-        if t.name == ref
+        if t.name == name
     ]
     if not tasks:
         raise UserError(

@@ -243,6 +243,13 @@ def task_to_continue(output_dir) -> str | None:
     return recorded.read_text().strip() or None
 
 
+def task_name(config_path) -> str:
+    """The task's name: the config's name, or its file name when that is shorter than the 3 characters the
+    server requires of a task name (``v2`` -> ``v2.py``), so any config name can run online."""
+    stem = Path(config_path).stem
+    return stem if len(stem) >= 3 else f"{stem}.py"
+
+
 def init_task(
     config_path,
     task_type: str = "training",
@@ -265,7 +272,7 @@ def init_task(
     try:
         task = Task.init(
             project_name=PROJECT,
-            task_name=Path(config_path).stem,
+            task_name=task_name(config_path),
             task_type=task_type,
             reuse_last_task_id=continue_id or False,
             # 0: report at the iterations given, never shifted past the task's last one (the SDK's default

@@ -167,6 +167,29 @@ def predict(model, images: torch.Tensor, flip: bool = False, scales: Sequence[fl
     return total / (len(scales) * (2 if flip else 1))
 
 
+EMPTY_BATCH = {
+    "image": torch.zeros((0, 3, 1, 1), dtype=torch.uint8),
+    "mask": torch.zeros((0, 1, 1), dtype=torch.uint8),
+    "index": [],
+    "id": [],
+    "size": torch.zeros((0, 2), dtype=torch.long),
+}
+
+
+class ShardEvaluator(Engine):
+    """An evaluator that also runs on a process whose shard holds no batch (fewer batches than processes).
+
+    Such a process still has to take part in every collective of the run (rank 0's BatchNorm buffers at the
+    start, the metrics' all-reduce at the end), so it scores one batch of zero images: its confusion matrix
+    stays zero and the reduced scores are those of the images the other processes scored.
+    """
+
+    def run(self, data=None, *args, **kwargs):
+        if data is not None and not args and not kwargs and hasattr(data, "__len__") and len(data) == 0:
+            data = [EMPTY_BATCH]
+        return super().run(data, *args, **kwargs)
+
+
 def create_evaluator(
     model,
     *,
@@ -183,11 +206,13 @@ def create_evaluator(
     def step(engine: Engine, batch):
         net.eval()
         images, masks = prepare_batch(batch, device, channels_last=channels_last)
+        if not len(images):  # the stand-in batch of a process without any (ShardEvaluator)
+            return {"y_pred": images.new_zeros((0, num_classes, *masks.shape[-2:])), "y": masks}
         with autocast(device, amp_dtype):
             scores = predict(net, images, flip=flip, scales=scales)
         return {"y_pred": scores, "y": masks}
 
-    evaluator = Engine(step)
+    evaluator = ShardEvaluator(step)
 
     benchmark = []
 
