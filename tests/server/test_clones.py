@@ -112,3 +112,16 @@ def test_docker_image_and_shared_memory_argument_are_stored_on_the_enqueued_task
     finally:
         Task.dequeue(task)
         task.mark_stopped(force=True)
+
+
+def test_clone_edits_of_run_name_and_dist_timeout_take_effect(online_run, agent_env, synthetic_voc, tmp_path):
+    # Neither is a literal of tiny_clearml.py: both are settings, read before the config runs (the run folder,
+    # the process group), so they must come from the clone's Config/* too.
+    clone = clone_of(
+        online_run["id"], "tiny_clearml settings edit", run_name="edited-name", dist_timeout=33, nproc_per_node=2
+    )
+    proc, task = run_clone(clone, agent_env, synthetic_voc, tmp_path)
+    assert proc.returncode == 0, proc.output[-4000:]
+    assert (tmp_path / "out" / "tiny_clearml" / "edited-name" / "metrics.json").is_file()
+    assert "process group gloo of 2 processes, collective timeout 33 s" in proc.output
+    assert task.get_status() == "completed"

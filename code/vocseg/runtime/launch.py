@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 
 import ignite.distributed as idist
 import torch
@@ -74,6 +75,7 @@ def parallel_context(nproc: int = 1, on_gpu: bool = False, timeout_s: float | No
     if backend is None and nproc > 1:
         backend = "nccl" if on_gpu and torch.cuda.is_available() else "gloo"
         timeout = process_group_timeout(backend, timeout_s)
+        _announce(backend, nproc, timeout)
         with idist.Parallel(
             backend=backend,
             nproc_per_node=nproc,
@@ -90,6 +92,8 @@ def parallel_context(nproc: int = 1, on_gpu: bool = False, timeout_s: float | No
     # ignite 0.5.5 hands Parallel(timeout=...) to init_process_group only when it spawns the processes
     # itself, never under torchrun: initialise here, and Parallel() runs the function in this group.
     timeout = process_group_timeout(backend, timeout_s)
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        _announce(backend, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1), timeout)
     store = _restarted_group_store(timeout)
     if store is None:
         idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
@@ -108,6 +112,12 @@ def parallel_context(nproc: int = 1, on_gpu: bool = False, timeout_s: float | No
             yield parallel
     finally:
         idist.finalize()
+
+
+def _announce(backend: str, world_size: int, timeout) -> None:
+    # One line before any log exists: what a stuck collective will wait for is the first thing to check.
+    waits = f"{timeout.total_seconds():g} s" if timeout else "torch's default"
+    print(f"vocseg: process group {backend} of {world_size} processes, collective timeout {waits}", file=sys.stderr)
 
 
 def _restarted_group_store(timeout):
