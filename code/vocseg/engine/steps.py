@@ -1,6 +1,5 @@
 """Ignite engines: the training step (AMP, accumulation, per-step LR) and the evaluators."""
 
-import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -10,21 +9,13 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
-from vocseg.data.transforms import MEAN, STD
+from vocseg.data.normalize import normalize
 from vocseg.engine.metrics import segmentation_metrics
-
-
-@functools.cache
-def _mean_std(device: torch.device):
-    # Built once per device: on a GPU each fresh tensor would be another host-to-device copy per batch.
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
 
 
 def prepare_batch(batch, device, non_blocking: bool = True, channels_last: bool = False):
     """uint8 NCHW images -> normalised float on the device; masks -> int64 with 255 kept."""
-    images = batch["image"].to(device, non_blocking=non_blocking).float()
-    mean, std = _mean_std(torch.device(device))
-    images = (images - mean) / std
+    images = normalize(batch["image"].to(device, non_blocking=non_blocking).float())
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     masks = batch["mask"].to(device, non_blocking=non_blocking).long()
