@@ -15,6 +15,7 @@ from vocseg.engine import precision
 from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.steps import autocast, predict
 from vocseg.errors import UserError
+from vocseg.runtime import machine
 
 
 def _assigned_names(path: Path) -> set:
@@ -52,9 +53,8 @@ class Predictor:
                 f"no weights: pass --weights /path/to/best_model.pt (or a ClearML model id), or set "
                 f"WEIGHTS_PATH / weights_path in {config_path}"
             )
-        self.device = torch.device(device or config.get("device", "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {self.device} was asked for but no GPU is visible: use --device cpu")
+        where = "--device" if device else f"config {config_path}"
+        self.device = machine.choose_device(device or config.get("device", "cpu"), where)
         self.model = config.model
         self.weights = str(weights)
         load_weights(self.model, resolve_weights(weights, env="--weights"), env="--weights")

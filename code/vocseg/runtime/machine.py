@@ -1,4 +1,4 @@
-"""Process-wide settings of the machine: seeds and the CPU allocator.
+"""Process-wide settings of the machine: the device, seeds and the CPU allocator.
 
 ``VOCSEG_CPU_ALLOCATOR=default`` leaves glibc's allocator alone in CPU runs (see ``tune_cpu_allocator``).
 """
@@ -8,8 +8,28 @@ import os
 import random
 import sys
 
+import ignite.distributed as idist
 import numpy as np
 import torch
+
+from vocseg.errors import UserError
+
+
+def choose_device(requested, where: str) -> torch.device:
+    """The device this process computes on: the process group's own when there is one, else ``requested``.
+
+    A CUDA device without a visible GPU is refused in one line that starts with ``where`` (the config or option
+    that asked for it). On the CPU the allocator is tuned for repeated steps (``tune_cpu_allocator``).
+    """
+    device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
+            f"(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
+        )
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return device
 
 
 def seed_everything(seed: int) -> None:
