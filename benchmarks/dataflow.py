@@ -73,7 +73,7 @@ def torchvision_v2_transform(crop_size: int, short_side: int):
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as F
 
-    from vocseg.data.transforms import MEAN, STD
+    from vocseg.data.normalize import MEAN, STD
 
     class PadIfSmaller(v2.Transform):
         """Bottom/right padding up to the crop: 0 for images, 255 (void) for masks (as torchvision's reference)."""

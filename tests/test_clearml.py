@@ -325,7 +325,7 @@ def test_resolve_weights_keeps_local_paths(tmp_path):
 
 def test_resolve_weights_model_id_without_a_server_is_a_user_error(monkeypatch):
     monkeypatch.setattr(ct, "_credentials_configured", lambda: False)
-    with pytest.raises(UserError, match="no ClearML server configured"):
+    with pytest.raises(UserError, match="needs a ClearML server, and none is configured"):
         checkpoints.resolve_weights("0123456789abcdef0123456789abcdef")
 
 

@@ -7,9 +7,10 @@ import torch
 from ignite.engine import Events
 from torch import nn
 
-from vocseg.dataflow import get_dataloaders
+from vocseg.dataflow import SeededShuffleSampler, get_dataloaders
 from vocseg.engine import steps as engines
 from vocseg.engine import train as training
+from vocseg.engine.metrics import CLASS_IOU, SCALAR_METRICS, scalar_metrics
 from vocseg.engine.steps import NO_NONFINITE, create_evaluator, create_trainer, iteration_seed, prepare_batch
 from vocseg.errors import UserError
 from vocseg.losses import DeepLabLoss
@@ -84,6 +85,30 @@ def test_finite_run_has_no_nan_iteration():
     assert trainer.state.nan_iteration is None and int(trainer.state.first_nonfinite) == NO_NONFINITE
 
 
+def resumed_at_iteration_3_of_4(sampler):
+    optimizer = torch.optim.SGD(Tiny().parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = create_trainer(Tiny(), optimizer, DeepLabLoss(), scheduler, sampler, device=torch.device("cpu"), seed=1)
+    trainer.load_state_dict({"iteration": 3, "epoch_length": 4, "max_epochs": 1})
+    return trainer
+
+
+def test_a_resumed_epoch_skips_the_batches_it_trained_on():
+    sampler = SeededShuffleSampler(16, seed=3, batch_size=2)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    trainer = resumed_at_iteration_3_of_4(sampler)
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: e.terminate())
+    trainer.run(batches(4))
+    assert list(sampler) == order[6:] and len(sampler) == 10
+
+
+def test_resuming_mid_epoch_refuses_a_sampler_that_cannot_skip():
+    trainer = resumed_at_iteration_3_of_4(Sampler())
+    with pytest.raises(UserError, match=r"^the config's train_loader has a sampler \(Sampler\) without resume_at"):
+        trainer.run(batches(4))
+
+
 def test_gradient_accumulation_skips_the_all_reduce_except_on_updates():
     class DDPLike(nn.Module):  # the one DDP method the step uses
         def __init__(self):
@@ -128,6 +153,13 @@ def test_evaluation_does_not_compute_the_aux_head():
     with torch.no_grad():
         expected = model(prepare_batch(data[0], "cpu")[0])["out"].softmax(1)
     assert len(calls) == 1 and torch.allclose(evaluator.state.output["y_pred"], expected, atol=1e-6)
+
+
+def test_evaluators_report_the_one_list_of_metric_names():
+    evaluator = create_evaluator(Tiny(), device=torch.device("cpu"))
+    evaluator.run(batches(2))
+    assert list(scalar_metrics(evaluator.state.metrics)) == list(SCALAR_METRICS)
+    assert evaluator.state.metrics[CLASS_IOU].shape == (21,)
 
 
 def test_channels_last_batches():

@@ -132,4 +132,4 @@ def test_nothing_readable_or_unknown_model_id_fails_in_one_line(tmp_path, checkp
         HOME=str(tmp_path),
     )
     assert done.returncode != 0 and done.stderr.count("\n") == 1
-    assert "(a ClearML model id): no ClearML server configured" in done.stderr
+    assert "(a ClearML model id) needs a ClearML server, and none is configured" in done.stderr

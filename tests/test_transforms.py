@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
+from torchvision.transforms.v2.functional import normalize as torchvision_normalize
 
+from vocseg.data.normalize import ImageNetNormalize, normalize
 from vocseg.data.transforms import train_transform
 from vocseg.dataflow import SegmentationSamples
 
@@ -56,3 +59,10 @@ def test_full_resolution_samples_are_the_images_as_they_are():
     assert out["image"].shape == (3, 100, 120) and out["mask"].shape == (100, 120)
     assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), image) and np.array_equal(out["mask"].numpy(), mask)
     assert out["size"].tolist() == [100, 120]
+
+
+def test_one_normalisation_for_batches_predictions_and_exports():
+    images = torch.randint(0, 256, (2, 3, 5, 7), generator=torch.Generator().manual_seed(0)).float()
+    expected = torchvision_normalize(images / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(normalize(images), expected)
+    torch.testing.assert_close(ImageNetNormalize()(images), expected)

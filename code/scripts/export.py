@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vocseg.errors import UserError, exit_with
+from vocseg.inference.options import add_model_options
 
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 
@@ -46,12 +47,7 @@ def check_images(inputs) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="eval config defining the model")
-    parser.add_argument(
-        "--weights",
-        help="best_model_*.pt, a training checkpoint or a ClearML model id "
-        "(default: weights_path of the config, i.e. WEIGHTS_PATH)",
-    )
+    add_model_options(parser, config_help="eval config defining the model")
     parser.add_argument("--out", required=True, help="folder for the exports and export_check.json")
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=sorted(FORMATS))
     parser.add_argument("--images", nargs="*", default=[], help="image files, folders or globs to check on")

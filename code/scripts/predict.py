@@ -13,17 +13,13 @@ import sys
 from pathlib import Path
 
 from vocseg.errors import UserError, exit_with
+from vocseg.inference.options import add_model_options
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
-    parser.add_argument("--config", required=True, help="eval config defining model, tta_flip, tta_scales, device")
-    parser.add_argument(
-        "--weights",
-        help="best_model_*.pt, a training checkpoint or a ClearML model id "
-        "(default: weights_path of the config, i.e. WEIGHTS_PATH)",
-    )
+    add_model_options(parser)
     parser.add_argument("--out", required=True, help="folder for <name>.png masks and <name>_overlay.jpg")
     parser.add_argument(
         "--max-side",

@@ -69,7 +69,7 @@ class SegmentationSamples(Dataset):
 class SeededShuffleSampler(Sampler):
     """Per-epoch shuffled, rank-sharded sampler that hands each sample its own augmentation seed.
 
-    ``skip_batches`` lets a run resumed in the middle of an epoch start exactly where it stopped
+    ``resume_at`` lets a run resumed in the middle of an epoch start exactly where it stopped
     without loading the samples it already trained on.
     """
 
@@ -80,7 +80,7 @@ class SeededShuffleSampler(Sampler):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self.skip_batches = 0
+        self._skip_batches = 0
         # Every rank gets the same number of full batches: the tail that does not fill one is dropped.
         self.num_samples = (dataset_len // (num_replicas * batch_size)) * batch_size
         self.total_size = self.num_samples * num_replicas
@@ -93,17 +93,21 @@ class SeededShuffleSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, batches: int) -> None:
+        """The next iterator leaves out the first ``batches`` batches of this epoch's order (0: none)."""
+        self._skip_batches = int(batches)
+
     def __iter__(self) -> Iterator:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.dataset_len)[: self.total_size]
         seeds = rng.integers(0, 2**31 - 1, size=self.total_size)
         mine = slice(self.rank, self.total_size, self.num_replicas)
         order, seeds = order[mine], seeds[mine]
-        start = self.skip_batches * self.batch_size
+        start = self._skip_batches * self.batch_size
         yield from zip(order[start:].tolist(), seeds[start:].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip_batches * self.batch_size
+        return self.num_samples - self._skip_batches * self.batch_size
 
 
 def seed_worker(worker_id: int) -> None:

@@ -14,6 +14,7 @@ from ignite.handlers import TensorboardLogger
 from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
 
 from vocseg.clearml import agent_task_id
+from vocseg.engine.metrics import CLASS_IOU, SCALAR_METRICS
 from vocseg.errors import UserError
 
 
@@ -114,7 +115,7 @@ def setup_tensorboard(output_dir: Path, trainer, optimizer, evaluators: dict, lo
             evaluator,
             OutputHandler(
                 tag=tag,
-                metric_names=["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy", "IoU"],
+                metric_names=[*SCALAR_METRICS, CLASS_IOU],
                 global_step_transform=lambda *_: trainer.state.epoch,
             ),
             event_name=Events.COMPLETED,

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import ignite.distributed as idist
 
+from vocseg.clearml.session import require_server
 from vocseg.errors import UserError, one_line
 
 SCHEME = "clearml://"
@@ -40,23 +41,6 @@ def _selector(uri: str, variable: str) -> dict:
             f"{SCHEME}<project>/<name>[@<version>]"
         )
     return {"dataset_project": project, "dataset_name": name, "dataset_version": version or None}
-
-
-def require_server(what: str) -> None:
-    """A one-line UserError unless a ClearML server is configured and answers a short probe."""
-    from vocseg.clearml.session import unusable_server
-
-    unusable = unusable_server()
-    if unusable and unusable[0] is None:
-        raise UserError(
-            f"{what} needs a ClearML server, and none is configured: run clearml-init or set "
-            f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY"
-        )
-    if unusable:
-        raise UserError(
-            f"{what} needs the ClearML server {unusable[0]}, which did not answer ({unusable[1]}): "
-            f"start it or fix CLEARML_API_HOST"
-        )
 
 
 def local_copy(uri: str, variable: str, kind: str) -> Path:

@@ -8,10 +8,10 @@ from ignite.engine import Events
 from vocseg.clearml.checkpoints import CheckpointUploads, fetch_checkpoint
 from vocseg.clearml.session import SECTION, TASK_FILE, announce_offline_session, config_constants, finish
 from vocseg.data.voc import VOC_CLASSES
+from vocseg.engine.metrics import CLASS_IOU, SCALAR_METRICS
 from vocseg.models import backbone_source
 
 GRID = ("val", "image | ground truth | prediction")  # debug image title and series
-SCALAR_METRICS = ["mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy"]
 
 
 def class_names(n: int):
@@ -63,7 +63,7 @@ class ClearMLTracker:
                 evaluator,
                 Events.COMPLETED,
                 tag=tag,
-                metric_names=SCALAR_METRICS,
+                metric_names=list(SCALAR_METRICS),
                 global_step_transform=lambda *_: trainer.state.epoch,
             )
             evaluator.add_event_handler(Events.COMPLETED, self._report_class_iou, tag)
@@ -112,7 +112,7 @@ class ClearMLTracker:
         return None if self.task.is_offline() else fetch_checkpoint(self.task, folder)
 
     def _report_class_iou(self, evaluator, tag: str) -> None:
-        for name, value in zip(self.names, evaluator.state.metrics["IoU"].tolist()):
+        for name, value in zip(self.names, evaluator.state.metrics[CLASS_IOU].tolist()):
             if value == value:  # NaN: the class is absent from both truth and prediction
                 self.clearml.report_scalar(f"{tag}/IoU", name, value, self.trainer.state.epoch)
 

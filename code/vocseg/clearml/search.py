@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from vocseg.clearml.session import PROJECT, SECTION, task_name
+from vocseg.clearml.session import PROJECT, SECTION, require_server, task_name
 from vocseg.errors import UserError, one_line
 
 OBJECTIVE = ("val", "mIoU")
@@ -230,7 +230,6 @@ def search(base_ref: str, ranges, queue: str, strategy: str, budget: Budget) -> 
     from clearml import Task
     from clearml.automation import GridSearch, HyperParameterOptimizer, RandomSearch
 
-    from vocseg.clearml.data import require_server
     from vocseg.clearml.session import _tune_sdk
 
     if not queue.strip():

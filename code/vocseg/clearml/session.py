@@ -398,7 +398,7 @@ def prepare(source, output_dir=None):
 
 def unusable_server() -> tuple | None:
     """None when a ClearML server is configured and answers the short probe; else ``(None, "")`` when none is
-    configured, or ``(host, why)`` when it does not answer. Callers word the error for what they needed."""
+    configured, or ``(host, why)`` when it does not answer; ``require_server`` words it as an error."""
     if not _credentials_configured():
         return None, ""
     host = _api_host()
@@ -406,17 +406,26 @@ def unusable_server() -> tuple | None:
     return (host, problem) if problem else None
 
 
-def fetch_model_weights(model_id: str) -> str:
-    """The local copy of a ClearML model's weights file, or a one-line UserError saying why not."""
-    what = f"weights_path {model_id} (a ClearML model id)"
+def require_server(what: str) -> None:
+    """A one-line UserError, starting with ``what`` needed it, unless a ClearML server is configured and answers
+    a short probe."""
     unusable = unusable_server()
     if unusable and unusable[0] is None:
         raise UserError(
-            f"{what}: no ClearML server configured to fetch it from: run clearml-init or set "
+            f"{what} needs a ClearML server, and none is configured: run clearml-init or set "
             f"CLEARML_API_HOST/CLEARML_API_ACCESS_KEY/CLEARML_API_SECRET_KEY"
         )
     if unusable:
-        raise UserError(f"{what}: ClearML server {unusable[0]} did not answer ({unusable[1]})")
+        raise UserError(
+            f"{what} needs the ClearML server {unusable[0]}, which did not answer ({unusable[1]}): "
+            f"start it or fix CLEARML_API_HOST"
+        )
+
+
+def fetch_model_weights(model_id: str) -> str:
+    """The local copy of a ClearML model's weights file, or a one-line UserError saying why not."""
+    what = f"weights_path {model_id} (a ClearML model id)"
+    require_server(what)
     try:
         from clearml import InputModel
 

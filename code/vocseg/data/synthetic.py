@@ -174,15 +174,7 @@ def _assign_splits(rng, n_train: int, n_val: int):
     return all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val
 
 
-def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int = 0, n_test: int = 0) -> dict:
-    """Write OUT/VOCdevkit/VOC2012 and OUT/SBD; return their paths and split sizes.
-
-    SBD overlaps VOC as in reality: it re-annotates some VOC train and some VOC val images and
-    adds images VOC never segmented, so the VOC val exclusion of VOC+SBD training is exercised.
-    ``n_test`` adds a ``test`` split laid out like the VOC2012 test archive (see ``_write_test_split``).
-    """
-    out = Path(out)
-    h, w = (int(v) for v in size)
+def _check_request(out: Path, n_train: int, n_val: int, n_test: int, h: int, w: int) -> None:
     if n_train < 1 or n_val < 1 or n_test < 0:
         raise UserError(
             f"need at least 1 train and 1 val image and no negative count, got --train {n_train} "
@@ -193,13 +185,8 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     if (out / "VOCdevkit").exists() or (out / "SBD").exists():
         raise UserError(f"{out} already holds VOCdevkit/ or SBD/; pick a new output folder or delete them")
 
-    all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val = _assign_splits(
-        np.random.default_rng(seed), n_train, n_val
-    )
-    total = len(all_ids)
 
-    voc = out / "VOCdevkit" / "VOC2012"
-    sbd = out / "SBD"
+def _make_folders(voc: Path, sbd: Path) -> None:
     for folder in (
         voc / "JPEGImages",
         voc / "SegmentationClass",
@@ -210,27 +197,29 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     ):
         folder.mkdir(parents=True, exist_ok=True)
 
-    in_voc, in_sbd = set(voc_train) | set(voc_val), set(sbd_train) | set(sbd_val)
+
+def _write_images(voc: Path, sbd: Path, all_ids, voc_ids, sbd_ids, groups, size, seed: int) -> None:
+    """Every image of ``all_ids`` as a JPEG, with a VOC mask when in ``voc_ids`` and SBD files when in
+    ``sbd_ids``; ``groups`` are the splits whose every class should appear in."""
     # Cycling the guaranteed class through each split puts every class in every split of >= 20.
-    guaranteed = {
-        image_id: i % (NUM_CLASSES - 1) + 1
-        for group in (voc_train, voc_val, sbd_only)
-        for i, image_id in enumerate(group)
-    }
+    guaranteed = {image_id: i % (NUM_CLASSES - 1) + 1 for group in groups for i, image_id in enumerate(group)}
     for k, image_id in enumerate(all_ids):
-        image, instances, table = _render(np.random.default_rng([seed, k]), guaranteed[image_id], (h, w))
+        image, instances, table = _render(np.random.default_rng([seed, k]), guaranteed[image_id], size)
         semantic = table[instances]
         jpeg = _jpeg(image, image_id)
         # Real VOC2012 JPEGImages also holds the SBD-only images; only SegmentationClass is partial.
         (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg)
-        if image_id in in_voc:
+        if image_id in voc_ids:
             voc_mask = semantic.copy()
             voc_mask[_void_band(instances)] = IGNORE_INDEX
             save_palette_png(voc / "SegmentationClass" / f"{image_id}.png", voc_mask)
-        if image_id in in_sbd:
+        if image_id in sbd_ids:
             (sbd / "img" / f"{image_id}.jpg").write_bytes(jpeg)
             _write_sbd_mats(sbd, image_id, semantic, instances, table)
 
+
+def _write_split_files(voc: Path, sbd: Path, voc_train, voc_val, sbd_train, sbd_val) -> list:
+    """VOC's and SBD's split lists; returns SBD's train_noval (its train without VOC val images)."""
     splits = voc / "ImageSets" / "Segmentation"
     _write_split(splits / "train.txt", voc_train)
     _write_split(splits / "val.txt", voc_val)
@@ -239,6 +228,37 @@ def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int
     _write_split(sbd / "train.txt", sbd_train)
     _write_split(sbd / "val.txt", sbd_val)
     _write_split(sbd / "train_noval.txt", train_noval)
+    return train_noval
+
+
+def make_synthetic_voc(out, n_train: int, n_val: int, size=(128, 128), seed: int = 0, n_test: int = 0) -> dict:
+    """Write OUT/VOCdevkit/VOC2012 and OUT/SBD; return their paths and split sizes.
+
+    SBD overlaps VOC as in reality: it re-annotates some VOC train and some VOC val images and
+    adds images VOC never segmented, so the VOC val exclusion of VOC+SBD training is exercised.
+    ``n_test`` adds a ``test`` split laid out like the VOC2012 test archive (see ``_write_test_split``).
+    """
+    out = Path(out)
+    h, w = (int(v) for v in size)
+    _check_request(out, n_train, n_val, n_test, h, w)
+    all_ids, voc_train, voc_val, sbd_only, sbd_train, sbd_val = _assign_splits(
+        np.random.default_rng(seed), n_train, n_val
+    )
+    total = len(all_ids)
+    voc = out / "VOCdevkit" / "VOC2012"
+    sbd = out / "SBD"
+    _make_folders(voc, sbd)
+    _write_images(
+        voc,
+        sbd,
+        all_ids,
+        voc_ids=set(voc_train) | set(voc_val),
+        sbd_ids=set(sbd_train) | set(sbd_val),
+        groups=(voc_train, voc_val, sbd_only),
+        size=(h, w),
+        seed=seed,
+    )
+    train_noval = _write_split_files(voc, sbd, voc_train, voc_val, sbd_train, sbd_val)
     if n_test:
         _write_test_split(voc, n_test, total, (h, w), seed)
     return {

@@ -1,7 +1,7 @@
 """Albumentations + OpenCV pipelines.
 
 Pipelines stop at uint8: images travel to the device as uint8 (4x less to copy than float32) and
-are normalised there by ``engines.prepare_batch``. Masks keep 255 (void) everywhere: they are resized
+are normalised there by ``vocseg.data.normalize``. Masks keep 255 (void) everywhere: they are resized
 with nearest neighbour and padded with 255, so void pixels never turn into background.
 """
 
@@ -11,11 +11,6 @@ import numpy as np
 from albumentations.core.transforms_interface import DualTransform
 
 from vocseg.data.voc import IGNORE_INDEX
-
-# ImageNet statistics of torchvision's pretrained backbones, in 0..255 units.
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
 
 def _crop_axis(length: int, scale: float, crop: int, u: float) -> tuple:
     """(source start, source length, output length) of one axis of RandomScaleCrop."""

@@ -27,20 +27,40 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(torch.nanmean(x).item())
 
 
+# One number each, in the order logs, TensorBoard and ClearML show them.
+SCALAR_METRICS = ("mIoU", "mIoU_no_bg", "pixel_accuracy", "mean_class_accuracy")
+CLASS_IOU = "IoU"  # the per-class vector behind the means
+
+
+def _mean_iou(iou: torch.Tensor) -> float:
+    return _nanmean(iou)
+
+
+def _mean_iou_no_background(iou: torch.Tensor) -> float:
+    return _nanmean(iou[1:])
+
+
+def _pixel_accuracy(cm: torch.Tensor) -> float:
+    return float(cm.diag().sum().item() / max(cm.sum().item(), 1))
+
+
+def _mean_class_accuracy(cm: torch.Tensor) -> float:
+    return _nanmean(_class_accuracy(cm))
+
+
 def segmentation_metrics(num_classes: int = NUM_CLASSES, output_transform=lambda out: out) -> dict:
     """Metrics keyed as they appear in logs, TensorBoard, ClearML and metrics.json."""
     cm = ConfusionMatrix(num_classes=num_classes, output_transform=output_transform)
     iou = MetricsLambda(_iou, cm)
-    return {
-        "mIoU": MetricsLambda(_nanmean, iou),
-        "mIoU_no_bg": MetricsLambda(lambda v: _nanmean(v[1:]), iou),
-        "pixel_accuracy": MetricsLambda(lambda m: float(m.diag().sum().item() / max(m.sum().item(), 1)), cm),
-        "mean_class_accuracy": MetricsLambda(lambda m: _nanmean(_class_accuracy(m)), cm),
-        "IoU": iou,
-        "cm": cm,
-    }
+    scalars = (
+        MetricsLambda(_mean_iou, iou),
+        MetricsLambda(_mean_iou_no_background, iou),
+        MetricsLambda(_pixel_accuracy, cm),
+        MetricsLambda(_mean_class_accuracy, cm),
+    )
+    return {**dict(zip(SCALAR_METRICS, scalars, strict=True)), CLASS_IOU: iou, "cm": cm}
 
 
 def scalar_metrics(metrics: dict) -> dict:
-    """Numbers only (drops the matrix and the per-class vector) for logs and metrics.json."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    """The numbers of SCALAR_METRICS (not the matrix nor the per-class vector) for logs and metrics.json."""
+    return {name: float(metrics[name]) for name in SCALAR_METRICS if name in metrics}

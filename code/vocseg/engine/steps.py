@@ -1,6 +1,5 @@
 """Ignite engines: the training step (AMP, accumulation, per-step LR) and the evaluators."""
 
-import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -10,21 +9,14 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
-from vocseg.data.transforms import MEAN, STD
+from vocseg.data.normalize import normalize
 from vocseg.engine.metrics import segmentation_metrics
-
-
-@functools.cache
-def _mean_std(device: torch.device):
-    # Built once per device: on a GPU each fresh tensor would be another host-to-device copy per batch.
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+from vocseg.errors import UserError
 
 
 def prepare_batch(batch, device, non_blocking: bool = True, channels_last: bool = False):
     """uint8 NCHW images -> normalised float on the device; masks -> int64 with 255 kept."""
-    images = batch["image"].to(device, non_blocking=non_blocking).float()
-    mean, std = _mean_std(torch.device(device))
-    images = (images - mean) / std
+    images = normalize(batch["image"].to(device, non_blocking=non_blocking).float())
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     masks = batch["mask"].to(device, non_blocking=non_blocking).long()
@@ -65,6 +57,33 @@ def create_trainer(
     net = model
     if compile_model:
         net = torch.compile(model, **(compile_model if isinstance(compile_model, dict) else {}))
+    step = _training_step(
+        model,
+        net,
+        optimizer,
+        criterion,
+        lr_scheduler,
+        scaler,
+        device=device,
+        amp_dtype=amp_dtype,
+        accumulation_steps=accumulation_steps,
+        channels_last=channels_last,
+    )
+    trainer = Engine(step)
+    trainer.scaler = scaler
+    trainer.state.nan_iteration = None
+    trainer.add_event_handler(Events.STARTED, _no_nonfinite_yet, device)
+    trainer.add_event_handler(Events.EPOCH_STARTED, _position_sampler, train_sampler)
+    trainer.add_event_handler(Events.ITERATION_STARTED, _seed_iteration, seed, idist.get_rank())
+    _attach_nonfinite_check(trainer, check_every)
+    return trainer
+
+
+def _training_step(
+    model, net, optimizer, criterion, lr_scheduler, scaler, *, device, amp_dtype, accumulation_steps, channels_last
+):
+    """Ignite's process function: forward and backward through ``net`` (``model``, compiled or not), the update
+    every ``accumulation_steps`` iterations."""
 
     def step(engine: Engine, batch):
         model.train()
@@ -85,31 +104,34 @@ def create_trainer(
         _record_nonfinite(engine.state, loss, engine.state.iteration)
         return {"batch_loss": loss}
 
-    trainer = Engine(step)
-    trainer.scaler = scaler
-    trainer.state.nan_iteration = None
+    return step
 
-    @trainer.on(Events.STARTED)
-    def _no_nonfinite_yet(engine: Engine) -> None:
-        engine.state.first_nonfinite = torch.tensor(NO_NONFINITE, device=device)
 
-    @trainer.on(Events.EPOCH_STARTED)
-    def _position_sampler(engine: Engine) -> None:
-        # The iterator of this epoch is created after this handler: a resumed run skips exactly the
-        # batches it already trained on, and every epoch gets its own seeded order.
-        train_sampler.set_epoch(engine.state.epoch - 1)
-        train_sampler.skip_batches = engine.state.iteration % engine.state.epoch_length
+def _no_nonfinite_yet(engine: Engine, device) -> None:
+    engine.state.first_nonfinite = torch.tensor(NO_NONFINITE, device=device)
 
-    rank = idist.get_rank()
 
-    @trainer.on(Events.ITERATION_STARTED)
-    def _seed_iteration(engine: Engine) -> None:
-        # Dropout and any other in-model randomness depend on the iteration and rank only, so an interrupted
-        # and resumed run draws the same numbers as an uninterrupted one.
-        torch.manual_seed(iteration_seed(seed, engine.state.iteration, rank))
+def _position_sampler(engine: Engine, train_sampler) -> None:
+    # The iterator of this epoch is created after this handler: a resumed run skips exactly the
+    # batches it already trained on, and every epoch gets its own seeded order.
+    train_sampler.set_epoch(engine.state.epoch - 1)
+    done = engine.state.iteration % engine.state.epoch_length
+    resume_at = getattr(train_sampler, "resume_at", None)
+    if resume_at is not None:
+        resume_at(done)
+    elif done:
+        # Without it the resumed epoch would train again on batches it already trained on, unnoticed.
+        raise UserError(
+            f"the config's train_loader has a sampler ({type(train_sampler).__name__}) without resume_at(batches), "
+            f"which resuming in the middle of an epoch needs: build train_loader with vocseg.dataflow's "
+            f"get_dataloaders (its SeededShuffleSampler), or give the sampler resume_at"
+        )
 
-    _attach_nonfinite_check(trainer, check_every)
-    return trainer
+
+def _seed_iteration(engine: Engine, seed: int, rank: int) -> None:
+    # Dropout and any other in-model randomness depend on the iteration and rank only, so an interrupted
+    # and resumed run draws the same numbers as an uninterrupted one.
+    torch.manual_seed(iteration_seed(seed, engine.state.iteration, rank))
 
 
 def _record_nonfinite(state, loss: torch.Tensor, iteration: int) -> None:

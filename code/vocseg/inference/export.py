@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vocseg.data.transforms import MEAN, STD
+from vocseg.data.normalize import ImageNetNormalize
 from vocseg.errors import UserError
 
 # Pinned so that a torch upgrade cannot silently change what a runtime must support; onnxruntime 1.31 runs it.
@@ -26,12 +26,11 @@ class PixelsToLogits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = getattr(model, "module", model).eval()
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        self.normalize = ImageNetNormalize()
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model((images - self.mean) / self.std)
+        out = self.model(self.normalize(images))
         return out["out"] if isinstance(out, dict) else out
 
 

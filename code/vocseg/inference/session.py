@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from vocseg.config import load_config
-from vocseg.data.transforms import MEAN, STD
+from vocseg.data.normalize import normalize
 from vocseg.dataflow import chw_tensor
 from vocseg.engine import precision
 from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.steps import autocast, predict
 from vocseg.errors import UserError
+from vocseg.runtime import machine
 
 
 def _assigned_names(path: Path) -> set:
@@ -52,9 +53,8 @@ class Predictor:
                 f"no weights: pass --weights /path/to/best_model.pt (or a ClearML model id), or set "
                 f"WEIGHTS_PATH / weights_path in {config_path}"
             )
-        self.device = torch.device(device or config.get("device", "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {self.device} was asked for but no GPU is visible: use --device cpu")
+        where = "--device" if device else f"config {config_path}"
+        self.device = machine.choose_device(device or config.get("device", "cpu"), where)
         self.model = config.model
         self.weights = str(weights)
         load_weights(self.model, resolve_weights(weights, env="--weights"), env="--weights")
@@ -62,15 +62,13 @@ class Predictor:
         self.flip, self.scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
         # Full precision unless the config asks for amp, as the evaluation script.
         self.dtype = precision.amp_dtype(config.get("amp", "off"), self.device, where=f"config {config_path}")
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 
     def describe(self) -> str:
         return f"weights {self.weights} | device {self.device} | flip {self.flip} | scales {self.scales}"
 
     def scores(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 RGB uint8 -> 1xCxHxW class probabilities (float32, on the device)."""
-        x = (chw_tensor(image)[None].to(self.device).float() - self.mean) / self.std
+        x = normalize(chw_tensor(image)[None].to(self.device).float())
         with autocast(self.device, self.dtype):
             return predict(self.model, x, flip=self.flip, scales=self.scales)
 

@@ -1,4 +1,4 @@
-"""The machine a process runs on: its device, seeds and the CPU allocator.
+"""Process-wide settings of the machine: the device, seeds and the CPU allocator.
 
 ``VOCSEG_CPU_ALLOCATOR=default`` leaves glibc's allocator alone in CPU runs (see ``tune_cpu_allocator``).
 """
@@ -13,6 +13,23 @@ import numpy as np
 import torch
 
 from vocseg.errors import UserError
+
+
+def choose_device(requested, where: str) -> torch.device:
+    """The device this process computes on: the process group's own when there is one, else ``requested``.
+
+    A CUDA device without a visible GPU is refused in one line that starts with ``where`` (the config or option
+    that asked for it). On the CPU the allocator is tuned for repeated steps (``tune_cpu_allocator``).
+    """
+    device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
+            f"(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
+        )
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -39,17 +56,3 @@ def tune_cpu_allocator() -> bool:
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 64 << 20)
     return True
-
-
-def choose_device(requested, where: str) -> torch.device:
-    """The device of this process: its GPU in a process group (idist), else ``requested``; a CUDA device with no
-    GPU visible stops the run. On the CPU, glibc's allocator is tuned (``tune_cpu_allocator``)."""
-    device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
-            "(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
-        )
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    return device
