@@ -202,7 +202,7 @@ def dummy_server_env(tmp_path, host, **extra):
 
 # Prints the seconds from Task creation to close, imports excluded (they alone took 15 s on a loaded machine).
 INIT_AND_CLOSE = (
-    "import time, clearml; from vocseg import clearml_session as ct; started = time.monotonic(); "
+    "import time, clearml; from vocseg.clearml import session as ct; started = time.monotonic(); "
     f"ct.finish(ct.init_task({CONFIG!r}, 'training', {SCRIPT!r})); "
     "print(f'elapsed {time.monotonic() - started:.2f}')"
 )

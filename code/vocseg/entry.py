@@ -66,18 +66,22 @@ def _train_one_rank(source: ConfigSource) -> None:
     outputs.check_output_base()
     output_dir = outputs.run_dir(source.config_path, source.setting("run_name"))
     folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
-    tracker_factory = None
-    if clearml_session.enabled():
-        # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
-        task = clearml_session.prepare(source, output_dir)
-        tracker_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
-    train(
-        source.config_path,
-        source.script_path,
-        mutations=source.all_mutations() or None,
-        tracker_factory=tracker_factory,
-        output_dir=output_dir,
-    )
+    try:
+        tracker_factory = None
+        if clearml_session.enabled():
+            # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
+            task = clearml_session.prepare(source, output_dir)
+            tracker_factory = task and functools.partial(clearml_reports.ClearMLTracker, task)
+        train(
+            source.config_path,
+            source.script_path,
+            mutations=source.all_mutations() or None,
+            tracker_factory=tracker_factory,
+            output_dir=output_dir,
+        )
+    except UserError:
+        folder_lock.release_if_unused(output_dir)  # bad input leaves no folder behind
+        raise
 
 
 def _evaluate_one_rank(source: ConfigSource) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 import scipy.io
 import scipy.sparse
 
-from vocseg.errors import UserError
 from vocseg.data.voc import IGNORE_INDEX, NUM_CLASSES, save_palette_png
+from vocseg.errors import UserError
 
 
 def _class_colours() -> np.ndarray:

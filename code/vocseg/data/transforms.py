@@ -12,6 +12,7 @@ from albumentations.core.transforms_interface import DualTransform
 
 from vocseg.data.voc import IGNORE_INDEX
 
+
 def _crop_axis(length: int, scale: float, crop: int, u: float) -> tuple:
     """(source start, source length, output length) of one axis of RandomScaleCrop."""
     scaled = max(1, int(length * scale))  # the size RandomScale would give this axis

@@ -25,6 +25,7 @@ from vocseg.runtime.ranks import from_rank_zero
 LOCK_FILE = "run.lock"
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 _held = {}  # lock path -> file descriptor, open (so locked) until this process ends
+_created = {}  # lock path -> the folders taking the lock created, deepest first
 
 
 def hold_run_folder(folder: Path) -> None:
@@ -36,9 +37,11 @@ def hold_run_folder(folder: Path) -> None:
 def _lock(folder: Path) -> None:
     from vocseg import outputs
 
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     path = outputs.make_output_dir(None, folder) / LOCK_FILE
     if path in _held:
         return
+    _created[path] = created
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -69,6 +72,29 @@ def _lock(folder: Path) -> None:
     _held[path] = fd
     # A forked child (a DataLoader worker) would share the lock and keep it after a kill -9 of this process.
     os.register_at_fork(after_in_child=functools.partial(_forget, path))
+
+
+def release_if_unused(folder: Path) -> None:
+    """Rank 0, when a run stops before writing anything (bad input found after the lock was taken): the lock
+    and the folders taking it created go, so that bad input leaves nothing behind. The file is removed while
+    still locked: a run that opened it meanwhile finds a lock on a file no longer in the folder, and a
+    rerun creates a new one."""
+    path = Path(folder) / LOCK_FILE
+    fd = _held.get(path)
+    if fd is None:
+        return
+    try:
+        if os.listdir(folder) != [LOCK_FILE]:
+            return
+        os.unlink(path)
+    except OSError:
+        return
+    os.close(_held.pop(path))
+    for created in _created.pop(path, []):
+        try:
+            created.rmdir()
+        except OSError:  # not empty: another run's folder, or files written meanwhile
+            break
 
 
 def _forget(path: Path) -> None:

@@ -26,7 +26,9 @@ def setup_logging(output_dir):
         logger.setLevel(logging.INFO)
     # Ignite logs every exception that ends an engine before re-raising it (twice when validation fails inside
     # training); the script prints that exception as its last line, so the copies only bury it.
-    logging.getLogger("ignite.engine.engine.Engine").addFilter(_not_an_exception_copy)
+    # Ignite names an engine's logger after its class: the evaluators are vocseg.engine.steps.ShardEvaluator.
+    for engine_class in ("Engine", "ShardEvaluator"):
+        logging.getLogger(f"ignite.engine.engine.{engine_class}").addFilter(_not_an_exception_copy)
     return logger
 
 
