@@ -45,11 +45,18 @@ def choose_device(requested, where: str) -> torch.device:
     """The device of this process: its GPU in a process group (idist), else ``requested``; a CUDA device with no
     GPU visible stops the run. On the CPU, glibc's allocator is tuned (``tune_cpu_allocator``)."""
     device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda":
+        check_gpu_visible(requested, where)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return device
+
+
+def check_gpu_visible(requested, where: str) -> None:
+    """Stop with one line when ``requested`` (a device setting) asks for CUDA and no GPU is visible: a GPU recipe
+    must never train on the CPU for days by accident."""
+    if str(requested or "").startswith("cuda") and not torch.cuda.is_available():
         raise UserError(
             f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
             "(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
         )
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    return device
