@@ -15,7 +15,6 @@ def test_evaluation_builds_the_architecture_of_the_run_it_evaluates(synthetic_vo
     proc = run_script("training", TINY, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path / "out")
-    assert json.loads((run_dir / "model.json").read_text())["aux_loss"] is True
     best = sorted((run_dir / "best").glob("best_model_*.pt"))[-1]
     env = make_env(synthetic_voc, tmp_path / "eval", WEIGHTS_PATH=best, TINY_VAL_LIMIT=4)
     proc = run_script("evaluation", "tests/configs/tiny_eval.py", env)
@@ -23,6 +22,7 @@ def test_evaluation_builds_the_architecture_of_the_run_it_evaluates(synthetic_vo
     assert "the architecture of the run that trained" in proc.stderr
     result = json.loads((only_run_dir(tmp_path / "eval", "tiny_eval") / "metrics.json").read_text())
     assert 0.0 <= result["val"]["mIoU"] <= 1.0
+    assert json.loads((run_dir / "model.json").read_text())["aux_loss"] is True
 
 
 def test_weights_outside_a_run_folder_still_need_the_configs_model(synthetic_voc, tmp_path):
