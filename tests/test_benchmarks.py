@@ -108,3 +108,9 @@ def test_checkpoint_upload_measures_the_checkpoint_and_says_when_no_server_is_th
     check(result, "checkpoint_upload", ["checkpoint", "clearml"])
     assert result["checkpoint"]["size_mb"] > 7 * result["checkpoint"]["params_m"]  # weights + momentum, 4 bytes each
     assert result["clearml"] == {"measured": False, "why": "no ClearML server configured"}
+
+
+def test_preflight():
+    (result,), _ = run("preflight.py", "--tiny")
+    check(result, "preflight", ["projected_s", "measured_s", "projected_over_measured", "summary"])
+    assert result["projected_s"] > 0 and result["measured_s"] > 0

@@ -316,7 +316,7 @@ def test_missing_weights_for_evaluation(synthetic_voc, tmp_path):
     proc = run_script(
         "evaluation",
         "configs/eval/baseline_resnet101.py",
-        make_env(synthetic_voc, tmp_path, WEIGHTS_PATH=tmp_path / "missing.pt"),
+        make_env(synthetic_voc, tmp_path, WEIGHTS_PATH=tmp_path / "missing.pt", CONFIG_OVERRIDES="device=cpu"),
     )
     assert proc.returncode != 0
     assert "missing.pt" in last_line(proc) and "WEIGHTS_PATH" in last_line(proc)

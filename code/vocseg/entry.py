@@ -14,9 +14,24 @@ from vocseg.clearml import session as clearml_session
 from vocseg.clearml.clone_edits import clone_source
 from vocseg.config import ConfigSource, config_source, with_overrides
 from vocseg.engine.evaluate import evaluate
+from vocseg.engine.preflight import preflight
 from vocseg.engine.train import train
 from vocseg.errors import UserError, exit_with
-from vocseg.runtime import folder_lock, launch, signals
+from vocseg.runtime import folder_lock, launch, machine, signals
+
+
+def script_main(usage: str, argv=None) -> int:
+    """``python code/scripts/training.py --help`` (or evaluation.py): the script's usage, exit 0.
+
+    py_config_runner imports these scripts and calls their ``run``; run directly with anything but --help, they
+    say how to start them instead of doing nothing."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage.strip())
+        return 0
+    print(usage.strip(), file=sys.stderr)
+    print("error: start it through py_config_runner, as above", file=sys.stderr)
+    return 2
 
 
 def run_training(config, **_runner_kwargs) -> None:
@@ -35,8 +50,12 @@ def _run(config, one_rank) -> None:
         # A clone run by clearml-agent loads its task's edits; CONFIG_OVERRIDES applies on top, in every process.
         source = with_overrides(clone_source(config_source(config)))
         device = source.setting("device")
+        preflight = source.setting("preflight")  # runs here, even for a run that would be enqueued
+        enqueued = not preflight and clearml_session.enabled() and clearml_session.requested_queue(source)
+        if not enqueued:  # an agent's machine, not this one, needs the GPU of an enqueued run
+            machine.check_gpu_visible(device, where=f"config {source.config_path}")
         nproc = launch.processes_per_node(source.setting("nproc_per_node"), device)
-        if nproc > 1 and clearml_session.enabled() and clearml_session.requested_queue(source):
+        if nproc > 1 and enqueued:
             nproc = 1  # the agent that runs it will choose
         if nproc > 1:
             print(
@@ -64,6 +83,10 @@ def _exit_codes():
 
 def _train_one_rank(source: ConfigSource) -> None:
     outputs.check_output_base()
+    if source.setting("preflight"):
+        # No run folder, no lock and no ClearML task: the real run may be running, or start next.
+        preflight(source.config_path, mutations=source.all_mutations() or None)
+        return
     output_dir = outputs.run_dir(source.config_path, source.setting("run_name"))
     folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
     try:
@@ -85,6 +108,8 @@ def _train_one_rank(source: ConfigSource) -> None:
 
 
 def _evaluate_one_rank(source: ConfigSource) -> None:
+    if source.setting("preflight"):
+        raise UserError("preflight=True times a training run: use it with code/scripts/training.py")
     outputs.check_output_base()
     factory = None
     if clearml_session.enabled() and launch.idist.get_rank() == 0:

@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -109,6 +110,13 @@ def deeplabv3(
         raise UserError(f"model backbone '{backbone}' is unknown: use one of {sorted(_BUILDERS)}")
     builder, weights, default_stride = _BUILDERS[backbone]
     model = builder(num_classes=num_classes, aux_loss=aux_loss, output_stride=output_stride or default_stride)
+    # What built it, so that a run folder can say which architecture its weights need (architecture()).
+    model.architecture = {
+        "backbone": backbone,
+        "num_classes": num_classes,
+        "aux_loss": aux_loss,
+        "output_stride": output_stride or default_stride,
+    }
     if pretrained_backbone:
         state, source = _backbone_weights(weights, backbone)
         _load_backbone(model, state, source, backbone)
@@ -121,6 +129,29 @@ def deeplabv3(
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
     return model
+
+
+def architecture(model: nn.Module) -> dict | None:
+    """The ``deeplabv3`` arguments that fix the model's layers, or None for a model built otherwise."""
+    return getattr(getattr(model, "module", model), "architecture", None)
+
+
+ARCHITECTURE_FILE = "model.json"
+
+
+def model_of_run(weights_path) -> tuple[nn.Module, Path] | None:
+    """The untrained model that the run holding ``weights_path`` trained (``<run>/best/*.pt`` or
+    ``<run>/checkpoints/*.pt``, next to the run's ``model.json``) and that file; None for weights outside a run
+    folder, or a run whose model was not built by ``deeplabv3``."""
+    path = Path(str(weights_path))
+    record = path.parent.parent / ARCHITECTURE_FILE
+    if path.parent.name not in ("best", "checkpoints") or not record.is_file():
+        return None
+    try:
+        arguments = json.loads(record.read_text())
+        return deeplabv3(**arguments, pretrained_backbone=False), record
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{record} does not describe a model ({exc}): delete it to use the config's model") from None
 
 
 def backbone_source(model: nn.Module) -> str | None:

@@ -39,4 +39,6 @@ def poly_lr(optimizer, num_steps: int, power: float = 0.9) -> PolynomialLR:
 
 
 def optimizer_steps(train_loader, num_epochs: int, accumulation_steps: int = 1) -> int:
-    return (len(train_loader) // accumulation_steps) * num_epochs
+    """The optimiser steps a run takes: the trainer updates on every ``accumulation_steps``-th micro-batch
+    counted over the whole run, across epoch boundaries."""
+    return num_epochs * len(train_loader) // accumulation_steps

@@ -188,6 +188,13 @@ SETTINGS = {
             "continue from this checkpoint (a rerun in the same run folder continues by itself)",
             "RESUME_FROM",
         ),
+        Setting(
+            "preflight",
+            *_BOOL,
+            False,
+            "run a few iterations, one checkpoint and a short validation on every rank, print the projected wall time"
+            " of the run and exit 0, writing nothing into the run folder",
+        ),
         # Evaluation and inference.
         Setting(
             "weights_path",
@@ -221,7 +228,7 @@ SETTINGS = {
             _optional(_text),
             _NONE,
             "the container an agent started with --docker runs the task in",
-            "CLEARML_DOCKER_IMAGE",
+            "VOCSEG_DOCKER_IMAGE",
         ),
         Setting(
             "clearml_docker_arguments",
@@ -229,7 +236,7 @@ SETTINGS = {
             _text,
             "--ipc=host",
             "arguments of that container",
-            "CLEARML_DOCKER_ARGUMENTS",
+            "VOCSEG_DOCKER_ARGUMENTS",
         ),
     ]
 }

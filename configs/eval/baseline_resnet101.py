@@ -1,14 +1,12 @@
 # Score DeepLabV3-ResNet101 weights on VOC 2012 val at full resolution.
 import os
 
-import torch
-
 from vocseg.dataflow import get_val_loader
 from vocseg.datasets import voc_root_from_env
 from vocseg.models import deeplabv3
 
 seed = 12
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "cuda"  # CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose
 amp = "off"  # scores in full precision; "auto" (bf16 or fp16 by GPU) is faster
 
 data_loader = get_val_loader(voc_root_from_env(), batch_size=4, num_workers=8)

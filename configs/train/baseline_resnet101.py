@@ -5,19 +5,17 @@
 import math
 import os
 
-import torch
-
 from vocseg.dataflow import get_dataloaders
 from vocseg.datasets import voc_root_from_env
 from vocseg.losses import DeepLabLoss
 from vocseg.models import deeplabv3
-from vocseg.optim import poly_lr, sgd
+from vocseg.optim import optimizer_steps, poly_lr, sgd
 
 seed = 12
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "cuda"  # CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose
 amp = "auto"  # bf16 on compute capability 8.0+, fp16 below; off on CPU
 
-# Data: batch_size is the total over all processes (the paper: 16).
+# Data: batch_size is the total over all processes, per micro-batch (the paper: 16).
 batch_size = 16
 num_workers = 8
 crop_size = 513
@@ -46,12 +44,14 @@ criterion = DeepLabLoss()
 
 # Optimisation: 30k iterations of SGD, one learning rate for every parameter, poly(0.9) per step.
 num_iterations = 30_000
-num_epochs = math.ceil(num_iterations / len(train_loader))
 learning_rate = 0.007
 weight_decay = 1e-4
+# accumulation_steps > 1 sums that many micro-batches of batch_size into one optimiser step (batch 4 x 4 = 16
+# images per step): num_iterations stays the number of optimiser steps, and the trainer steps across epochs.
 accumulation_steps = 1
+num_epochs = math.ceil(num_iterations * accumulation_steps / len(train_loader))
 optimizer = sgd(model, lr=learning_rate, momentum=0.9, weight_decay=weight_decay, head_lr_mult=1.0)
-lr_scheduler = poly_lr(optimizer, num_epochs * len(train_loader) // accumulation_steps, power=0.9)
+lr_scheduler = poly_lr(optimizer, optimizer_steps(train_loader, num_epochs, accumulation_steps), power=0.9)
 
 # Run control
 val_interval = 25

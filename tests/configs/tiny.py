@@ -25,9 +25,10 @@ train_loader, val_loader, train_eval_loader = get_dataloaders(
     limit_val_num_samples=int(os.environ.get("TINY_VAL_LIMIT", 0)) or None,
 )
 num_classes = 21
+aux_loss = False
 model = deeplabv3(
     "mobilenet_v3_large",
-    aux_loss=False,
+    aux_loss=aux_loss,
     pretrained_backbone=bool(int(os.environ.get("TINY_PRETRAINED", 0))),
     bn_momentum=0.1,
 )

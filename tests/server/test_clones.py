@@ -101,7 +101,7 @@ def test_docker_image_and_shared_memory_argument_are_stored_on_the_enqueued_task
         tmp_path / "out",
         DATASET_PATH=str(synthetic_voc),
         CLEARML_QUEUE=queue,
-        CLEARML_DOCKER_IMAGE=image,
+        VOCSEG_DOCKER_IMAGE=image,
     )
     assert proc.returncode == 0, proc.output[-4000:]
     task = Task.get_task(task_id_of(proc.output))

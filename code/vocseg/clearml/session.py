@@ -352,7 +352,7 @@ def requested_queue(source) -> str | None:
 
 
 def set_docker(task, source) -> None:
-    """``clearml_docker_image`` (config) or CLEARML_DOCKER_IMAGE: the container an agent started with
+    """``clearml_docker_image`` (config) or VOCSEG_DOCKER_IMAGE: the container an agent started with
     ``--docker`` runs this task (and its clones) in. DataLoader workers pass batches through shared memory,
     which Docker limits to 64 MB by default: hence ``--ipc=host`` unless other arguments are given."""
     image = source.setting("clearml_docker_image")

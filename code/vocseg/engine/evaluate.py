@@ -11,7 +11,7 @@ from vocseg import outputs
 from vocseg.config import check_inference
 from vocseg.data.voc import VOC_CLASSES, save_palette_png
 from vocseg.engine import precision
-from vocseg.engine.checkpoints import load_weights, resolve_weights
+from vocseg.engine.checkpoints import load_weights, model_for, resolve_weights
 from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator
@@ -79,7 +79,7 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
 def _evaluator(config, config_path, weights_path, device):
     """The evaluator of the config's model with the weights loaded, its precision, and its test-time
     augmentation."""
-    model = config.model
+    model = model_for(config.model, weights_path)
     load_weights(model, weights_path)
     model = model.to(device)
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))

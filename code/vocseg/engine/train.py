@@ -37,7 +37,7 @@ from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
-from vocseg.models import backbone_source
+from vocseg.models import ARCHITECTURE_FILE, architecture, backbone_source
 from vocseg.runtime import machine, ranks, signals
 from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
@@ -554,12 +554,15 @@ def _write_summary(output_dir) -> None:
 
 def record_sources(config_path, script_path, mutations):
     """Rank 0: the config and the script next to the outputs, and what this run changed in the config
-    (CONFIG_OVERRIDES, a clone's edits) in overrides.json."""
+    (CONFIG_OVERRIDES, a clone's edits) in overrides.json, and the model's architecture in model.json."""
 
     def attach(run: Run) -> None:
         if idist.get_rank() > 0:
             return
         outputs.copy_sources(run.output_dir, config_path, script_path)
+        built = architecture(run.model)
+        if built is not None:  # evaluation builds the model that these weights need from it
+            outputs.write_json(run.output_dir / ARCHITECTURE_FILE, built)
         if mutations:
             outputs.write_json(run.output_dir / "overrides.json", dict(mutations))
 

@@ -12,7 +12,7 @@ from vocseg.config import load_config
 from vocseg.data.normalize import normalize
 from vocseg.dataflow import chw_tensor
 from vocseg.engine import precision
-from vocseg.engine.checkpoints import load_weights, resolve_weights
+from vocseg.engine.checkpoints import load_weights, model_for, resolve_weights
 from vocseg.engine.steps import autocast, predict
 from vocseg.errors import UserError
 from vocseg.runtime import machine
@@ -55,9 +55,10 @@ class Predictor:
             )
         where = "--device" if device else f"config {config_path}"
         self.device = machine.choose_device(device or config.get("device", "cpu"), where)
-        self.model = config.model
         self.weights = str(weights)
-        load_weights(self.model, resolve_weights(weights, env="--weights"), env="--weights")
+        local = resolve_weights(weights, env="--weights")
+        self.model = model_for(config.model, local)
+        load_weights(self.model, local, env="--weights")
         self.model.eval().to(self.device)
         self.flip, self.scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
         # Full precision unless the config asks for amp, as the evaluation script.

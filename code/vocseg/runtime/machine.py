@@ -22,11 +22,8 @@ def choose_device(requested, where: str) -> torch.device:
     that asked for it). On the CPU the allocator is tuned for repeated steps (``tune_cpu_allocator``).
     """
     device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
-            f"(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
-        )
+    if device.type == "cuda":
+        check_gpu_visible(requested, where)
     if device.type == "cpu":
         tune_cpu_allocator()
     return device
@@ -56,3 +53,13 @@ def tune_cpu_allocator() -> bool:
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 64 << 20)
     return True
+
+
+def check_gpu_visible(requested, where: str) -> None:
+    """Stop with one line when ``requested`` (a device setting) asks for CUDA and no GPU is visible: a GPU recipe
+    must never train on the CPU for days by accident."""
+    if str(requested or "").startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
+            "(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
+        )
