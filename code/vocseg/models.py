@@ -154,6 +154,22 @@ def model_of_run(weights_path) -> tuple[nn.Module, Path] | None:
         raise UserError(f"{record} does not describe a model ({exc}): delete it to use the config's model") from None
 
 
+def model_for(config_model, weights_path):
+    """The model to load ``weights_path`` into: the architecture its training run recorded when the weights are
+    in a run folder (so an eval config written for another recipe cannot refuse them), else the config's."""
+    found = model_of_run(weights_path)
+    if found is None:
+        return config_model
+    model, record = found
+    logging.getLogger("vocseg").info(
+        "model: the architecture of the run that trained %s (%s: %s), not the config's `model`",
+        weights_path,
+        record,
+        json.dumps(model.architecture, sort_keys=True),
+    )
+    return model
+
+
 def backbone_source(model: nn.Module) -> str | None:
     """Where the model's ImageNet weights came from ("hub URL (sha256 ...)", "file PATH (sha256 ...)", "none ...")."""
     return getattr(getattr(model, "module", model), "backbone_source", None)

@@ -1,7 +1,6 @@
 """Checkpoint saving and loading with Ignite (local files or ClearML model ids); loading explains mismatches
 instead of dumping tracebacks."""
 
-import json
 import logging
 import re
 import shutil
@@ -142,24 +141,6 @@ def load_weights(model, path, env: str = "WEIGHTS_PATH") -> None:
         state = state["model"]  # a training checkpoint
     check_model_state(model, state, path)
     getattr(model, "module", model).load_state_dict(state)
-
-
-def model_for(config_model, weights_path):
-    """The model to load ``weights_path`` into: the architecture its training run recorded when the weights are
-    in a run folder (so an eval config written for another recipe cannot refuse them), else the config's."""
-    from vocseg.models import model_of_run  # models imports this module
-
-    found = model_of_run(weights_path)
-    if found is None:
-        return config_model
-    model, record = found
-    logging.getLogger("vocseg").info(
-        "model: the architecture of the run that trained %s (%s: %s), not the config's `model`",
-        weights_path,
-        record,
-        json.dumps(model.architecture, sort_keys=True),
-    )
-    return model
 
 
 def resolve_weights(weights_path, env: str = "WEIGHTS_PATH"):

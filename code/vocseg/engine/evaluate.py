@@ -11,10 +11,11 @@ from vocseg import outputs
 from vocseg.config import check_inference
 from vocseg.data.voc import VOC_CLASSES, save_palette_png
 from vocseg.engine import precision
-from vocseg.engine.checkpoints import load_weights, model_for, resolve_weights
+from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator
+from vocseg.models import model_for
 from vocseg.runtime import machine
 
 log = logging.getLogger("vocseg")

@@ -12,9 +12,10 @@ from vocseg.config import load_config
 from vocseg.data.normalize import normalize
 from vocseg.dataflow import chw_tensor
 from vocseg.engine import precision
-from vocseg.engine.checkpoints import load_weights, model_for, resolve_weights
+from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.steps import autocast, predict
 from vocseg.errors import UserError
+from vocseg.models import model_for
 from vocseg.runtime import machine
 
 
