@@ -21,6 +21,7 @@ test_every_block_is_run_or_marked lists those blocks with their reasons (``pytes
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -124,6 +125,27 @@ def backbone_file(tmp_path_factory):
     return path
 
 
+def _venv(venv: Path) -> None:
+    """``venv``: the running venv's files, linked, except ``python``/``python3`` (the venv's interpreter with
+    ``TINY`` appended to ``CONFIG_OVERRIDES``) and ``activate`` (which puts this ``bin`` first on PATH)."""
+    real = Path(sys.prefix)
+    (venv / "bin").mkdir(parents=True)
+    for entry in real.iterdir():
+        if entry.name != "bin":
+            (venv / entry.name).symlink_to(entry)
+    appended = f'export CONFIG_OVERRIDES="${{CONFIG_OVERRIDES:+$CONFIG_OVERRIDES }}{TINY}"'
+    shim = f'#!/bin/sh\n{appended}\nexec {real}/bin/python "$@"\n'
+    for entry in (real / "bin").iterdir():
+        made = venv / "bin" / entry.name
+        if entry.name in ("python", "python3"):
+            made.write_text(shim)
+            made.chmod(0o755)
+        elif entry.name == "activate":
+            made.write_text(entry.read_text().replace(str(real), str(venv)))
+        else:
+            made.symlink_to(entry)
+
+
 def _sandbox(tmp_path: Path, backbone_file: Path) -> tuple[Path, dict]:
     """A copy of the repository and the environment the page's blocks run in."""
     from vocseg.data.synthetic import make_synthetic_voc
@@ -131,22 +153,13 @@ def _sandbox(tmp_path: Path, backbone_file: Path) -> tuple[Path, dict]:
     repo = tmp_path / "repo"
     ignored = shutil.ignore_patterns(".git", ".venv", "output", "data", "__pycache__", "*.egg-info", ".*_cache")
     shutil.copytree(REPO, repo, ignore=ignored)
-    venv = Path(sys.prefix)
-    (repo / ".venv").symlink_to(venv if (venv / "bin" / "python").exists() else REPO / ".venv")
+    _venv(repo / ".venv")
     home = tmp_path / "home"
     make_synthetic_voc(home / "data", 8, 4, size=(64, 64), seed=0, n_test=3)
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    # `python` as the docs write it: the venv's, with the tiny settings after whatever the block overrides.
-    (shim / "python").write_text(
-        f'#!/bin/sh\nCONFIG_OVERRIDES="${{CONFIG_OVERRIDES:+$CONFIG_OVERRIDES }}{TINY}" '
-        f'exec {repo / ".venv" / "bin" / "python"} "$@"\n'
-    )
-    (shim / "python").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLEARED) and k not in CLEARED_NAMES}
     env.update(
         HOME=str(home),
-        PATH=os.pathsep.join([str(shim), str(repo / ".venv" / "bin"), env.get("PATH", "/usr/bin:/bin")]),
+        PATH=os.pathsep.join([str(repo / ".venv" / "bin"), env.get("PATH", "/usr/bin:/bin")]),
         DATASET_PATH=str(home / "data"),
         SBD_DATASET_PATH=str(home / "data" / "SBD"),
         PRETRAINED_BACKBONE=str(backbone_file),
@@ -170,22 +183,31 @@ def test_page_commands_run_as_written(page, tmp_path, backbone_file):
         if block.reason is None:
             script += [f"echo '>>> block {block}' >&2", block.text]
     started = time.monotonic()
+    # A session of its own, so that whatever the blocks leave running (or run past the timeout) is killed with it.
+    proc = subprocess.Popen(
+        ["bash", "-c", "\n".join(script)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            ["bash", "-c", "\n".join(script)],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=PAGE_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        out, err = proc.communicate(timeout=PAGE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
         pytest.fail(f"{page.name}: over {PAGE_TIMEOUT_S} s; stderr ends:\n{err[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     print(f"{page.relative_to(REPO)}: {time.monotonic() - started:.1f} s")
-    if done.returncode != 0:
-        last = [line for line in done.stderr.splitlines() if line.startswith(">>> block ")]
+    if proc.returncode != 0:
+        last = [line for line in err.splitlines() if line.startswith(">>> block ")]
         pytest.fail(
-            f"{last[-1][4:] if last else page.name} failed (exit {done.returncode}); stdout ends:\n"
-            f"{done.stdout[-2000:]}\nstderr ends:\n{done.stderr[-4000:]}"
+            f"{last[-1][4:] if last else page.name} failed (exit {proc.returncode}); stdout ends:\n"
+            f"{out[-2000:]}\nstderr ends:\n{err[-4000:]}"
         )
