@@ -10,6 +10,9 @@ usage: python -m py_config_runner code/scripts/training.py CONFIG
 A plain launch starts one process per visible GPU (NPROC_PER_NODE=1 runs one). CONFIG_OVERRIDES="key=value ..."
 changes any setting without editing the config; preflight=True times a few iterations, a checkpoint and a
 validation, projects the run's wall time and exits, writing nothing. Every setting: docs/configs.md.
+
+The code, in the order it runs: vocseg/entry.py (settings -> launch -> tracker), vocseg/engine/train.py (train():
+every handler in one list), vocseg/engine/steps.py (train_step: the loss and the optimiser step).
 """
 
 import sys

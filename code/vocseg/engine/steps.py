@@ -1,4 +1,4 @@
-"""Ignite engines: the training step (AMP, accumulation, per-step LR) and the evaluators."""
+"""Ignite engines: ``train_step`` (the loss, AMP, accumulation, the optimiser and per-step LR) and the evaluators."""
 
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -57,7 +57,7 @@ def create_trainer(
     net = model
     if compile_model:
         net = torch.compile(model, **(compile_model if isinstance(compile_model, dict) else {}))
-    step = _training_step(
+    step = train_step(
         model,
         net,
         optimizer,
@@ -79,7 +79,7 @@ def create_trainer(
     return trainer
 
 
-def _training_step(
+def train_step(
     model, net, optimizer, criterion, lr_scheduler, scaler, *, device, amp_dtype, accumulation_steps, channels_last
 ):
     """Ignite's process function: forward and backward through ``net`` (``model``, compiled or not), the update
