@@ -125,3 +125,24 @@ def test_clone_edits_of_run_name_and_dist_timeout_take_effect(online_run, agent_
     assert (tmp_path / "out" / "tiny_clearml" / "edited-name" / "metrics.json").is_file()
     assert "process group gloo of 2 processes, collective timeout 33 s" in proc.output
     assert task.get_status() == "completed"
+
+
+def test_config_overrides_are_recorded_on_the_task_and_a_clone_reruns_them(
+    checkout, server_env, agent_env, synthetic_voc, tmp_path
+):
+    from clearml import Task
+
+    # num_epochs is a literal of tiny_clearml.py; cudnn_benchmark is a setting the config does not set.
+    overrides = "num_epochs=1 cudnn_benchmark=False"
+    proc = train(checkout, server_env, tmp_path / "first", DATASET_PATH=str(synthetic_voc), CONFIG_OVERRIDES=overrides)
+    assert proc.returncode == 0, proc.output[-4000:]
+    task = Task.get_task(task_id_of(proc.output))
+    params = task.get_parameters_as_dict()["Config"]
+    assert (params["num_epochs"], params["cudnn_benchmark"], params["learning_rate"]) == ("1", "False", "0.01")
+    (run_dir,) = (tmp_path / "first" / "tiny_clearml").iterdir()
+    assert (run_dir / "overrides.json").is_file()
+
+    clone = clone_of(task.id, "tiny_clearml overrides clone")
+    proc, ran = run_clone(clone, agent_env, synthetic_voc, tmp_path)
+    assert proc.returncode == 0, proc.output[-4000:]
+    assert iterations_of(scalar_events(ran))[("train", "batch_loss")] == [1, 2]  # one epoch of 8 images, batch 4

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +88,39 @@ def test_config_overrides_reach_every_srun_task(synthetic_voc, tmp_path):
     run_dir, result = metrics(tmp_path)
     assert run_dir.name == "overridden" and "world size 2" in srun.stderr
     assert result["completed"] and result["epoch"] == 1 and result["iteration"] == 6  # 24 images, batch 4
+
+
+def test_srun_on_the_smallest_dataset_validates_on_every_rank_and_matches_one_process(tmp_path):
+    # --train 16 --val 8: the val images share one size, so their same-size batches go to rank 0 only.
+    from vocseg.data.synthetic import make_synthetic_voc
+
+    data = tmp_path / "data"
+    make_synthetic_voc(data, 16, 8, seed=0)
+    env = env_for(data, tmp_path / "out", CONFIG_OVERRIDES="num_epochs=1 run_name=small")
+    srun = subprocess.run(
+        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert srun.returncode == 0, srun.stderr[-3000:]
+    run_dir, trained = metrics(tmp_path / "out")
+    assert trained["completed"] and "world size 2" in srun.stderr
+    (weights,) = sorted((run_dir / "checkpoints").glob("training_checkpoint_*.pt"))[-1:]
+    scored = subprocess.run(
+        [sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py", "tests/configs/tiny_eval.py"],
+        cwd=ROOT,
+        env={**env_for(data, tmp_path / "eval"), "WEIGHTS_PATH": str(weights)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    (found,) = (tmp_path / "eval").glob("tiny_eval/*/metrics.json")
+    one_process = json.loads(found.read_text())["val"]
+    assert trained["val"]["mIoU"] == pytest.approx(one_process["mIoU"], abs=1e-9)
 
 
 def test_batch_job_warned_with_usr1_requeues_itself_and_ends_like_an_uninterrupted_run(synthetic_voc, tmp_path):
