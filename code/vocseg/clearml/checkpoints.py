@@ -105,17 +105,20 @@ class CheckpointUploads:
                 self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
             return self._pending is None and not self._busy
 
-    def close(self, upload_pending: bool) -> None:
+    def close(self, upload_pending: bool, timeout: float = 600.0) -> None:
         """Stops the thread after the upload in progress; with ``upload_pending`` the newest checkpoint
         reaches the task first (a run that stops before its end), else it is dropped (a finished run)."""
         with self._cond:
             if not upload_pending and self._pending is not None:
                 self._pending[0].unlink(missing_ok=True)
                 self._pending = None
-        if not self.wait():
+            waiting = [link.name for link in sorted(self.staging.glob("*.pt"))] if self.staging.is_dir() else []
+        if not self.wait(timeout):
             log.warning(
-                "training checkpoint upload to the ClearML task not finished after 600 s: the task "
-                "keeps the previous one"
+                "training checkpoint %s not uploaded to the ClearML task after %.0f s: the task keeps %s",
+                " and ".join(waiting) or "upload",
+                timeout,
+                self.uploaded or "none",
             )
         with self._cond:
             self._closed = True

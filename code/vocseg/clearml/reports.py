@@ -1,15 +1,27 @@
 """What runs report to their ClearML task: the training tracker and the evaluation report."""
 
+import logging
 import sys
 import warnings
 
 from ignite.engine import Events
 
 from vocseg.clearml.checkpoints import CheckpointUploads, fetch_checkpoint
-from vocseg.clearml.session import SECTION, TASK_FILE, announce_offline_session, config_constants, finish
+from vocseg.clearml.outage import ANSWER_S, CLOSE_S, ServerWatch, abandon_sdk_exit_waits
+from vocseg.clearml.session import (
+    SECTION,
+    TASK_FILE,
+    _api_host,
+    announce_offline_session,
+    config_constants,
+    finish,
+    probe_server,
+)
 from vocseg.data.voc import VOC_CLASSES
 from vocseg.engine.metrics import CLASS_IOU, SCALAR_METRICS
 from vocseg.models import backbone_source
+
+log = logging.getLogger("vocseg")
 
 GRID = ("val", "image | ground truth | prediction")  # debug image title and series
 
@@ -79,6 +91,7 @@ class ClearMLTracker:
             label_enumeration={n: i for i, n in enumerate(self.names)},
         )
         self.registered = None
+        self.watch = None if task.is_offline() else ServerWatch(task, _api_host())
         if not task.is_offline():
             # A rerun in this folder (a requeued job, a restarted group) continues this task.
             (output_dir / TASK_FILE).write_text(task.id)
@@ -122,7 +135,9 @@ class ClearMLTracker:
         if grid is not None:
             self.clearml.report_image(*GRID, iteration=epoch, image=grid)
         if not self.task.is_offline():
-            self._register_best()  # uploads (to output_uri, if any) in the background while training goes on
+            # The upload itself goes on in the background while training goes on; creating the model entry waits
+            # on the server, hence the bound.
+            self.watch.call(f"best model {self.best.last_checkpoint}", self._register_best)
 
     def _register_best(self) -> None:
         latest = self.best.last_checkpoint
@@ -153,16 +168,43 @@ class ClearMLTracker:
         self.clearml.flush()
         state = self.trainer.state
         unfinished = sys.exc_info()[1] is not None or state.nan_iteration is not None or getattr(state, "preempted", "")
+        answers = self.watch is None or self._server_answers()
         if self.uploads is not None:
             # A run that stops before its end leaves its newest checkpoint on the task for whoever continues it.
-            self.uploads.close(upload_pending=bool(unfinished))
+            self.uploads.close(upload_pending=bool(unfinished), timeout=600.0 if answers else ANSWER_S)
         if unfinished:
             # Left open, ClearML's exit hook marks the task failed (or stopped); closing it now would mark it
             # completed.
             if self.task.is_offline():
                 announce_offline_session(self.task.get_offline_mode_folder())
             return
-        finish(self.task)
+        if self.watch is None:
+            finish(self.task)
+        elif not self.watch.call("closing the task", lambda: finish(self.task), 600.0 if answers else CLOSE_S, True):
+            self._say_what_is_missing()
+
+    def _server_answers(self) -> bool:
+        """Whether the server answers at the end of the run: no call is still waiting on it and it answers a
+        probe. If not, the end of the run waits on it for a short time only."""
+        if self.watch.away() or probe_server(self.watch.host) is not None:
+            return False
+        if self.registered != self.best.last_checkpoint:  # skipped while the server did not answer
+            self.watch.call(f"best model {self.best.last_checkpoint}", self._register_best)
+        return True
+
+    def _say_what_is_missing(self) -> None:
+        missing = ["reports since it stopped answering"]
+        if self.best.last_checkpoint and self.registered != self.best.last_checkpoint:
+            missing.insert(0, f"best model {self.best.last_checkpoint}")
+        log.warning(
+            "ClearML task %s left unclosed: server %s does not answer; not on the server: %s; the run folder %s "
+            "holds everything",
+            self.task.id,
+            self.watch.host,
+            ", ".join(missing),
+            self.output_dir,
+        )
+        abandon_sdk_exit_waits()
 
 
 class EvaluationReport:

@@ -193,6 +193,8 @@ def choose_offline(need_server: str | None = None) -> bool:
 def _tune_sdk() -> None:
     from clearml.config import config, config_obj
 
+    from vocseg.clearml.outage import sdk_retry_overrides
+
     config_obj.set_overrides(
         {
             "sdk": {
@@ -205,7 +207,8 @@ def _tune_sdk() -> None:
                     "vcs_repo_detect_async": False,
                 }
             }
-        }
+        },
+        sdk_retry_overrides(),  # a server that stops answering must not stall the run
     )
     config.clear_config_impl()
 
