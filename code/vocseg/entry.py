@@ -88,7 +88,9 @@ def _train_one_rank(source: ConfigSource) -> None:
         preflight(source.config_path, mutations=source.all_mutations() or None)
         return
     output_dir = outputs.run_dir(source.config_path, source.setting("run_name"))
-    folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
+    enqueued = clearml_session.enabled() and clearml_session.requested_queue(source)
+    if not enqueued:  # an enqueued run trains on an agent, in a folder of its own
+        folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
     try:
         tracker_factory = None
         if clearml_session.enabled():

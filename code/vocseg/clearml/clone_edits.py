@@ -89,7 +89,10 @@ def read_clone_edits(task_id: str, config_path) -> CloneEdits:
     if mutations:
         result.notes.append(
             "hyperparameters edited in the task override the config: "
-            + ", ".join(f"{k}={v!r} (was {original[k]!r})" for k, v in sorted(mutations.items()))
+            + ", ".join(
+                f"{k}={v!r} (was {original[k]!r})" if k in original else f"{k}={v!r} (not set in the config)"
+                for k, v in sorted(mutations.items())
+            )
         )
     result.mutations = mutations
     return result
