@@ -24,11 +24,9 @@ class ConfigSource(NamedTuple):
     mutations: dict  # py_config_runner's, then a ClearML clone's edits
     overrides: dict = {}  # CONFIG_OVERRIDES
 
-    def setting(self, key: str, default=settings.SETTINGS):
+    def setting(self, key: str, default=settings.MISSING):
         """A setting's value before the config runs, by the rule of vocseg.settings."""
         edited = {**literal_constants(self.config_path), **self.mutations}
-        if default is settings.SETTINGS:
-            return settings.resolve(key, self.overrides, edited)
         return settings.resolve(key, self.overrides, edited, default)
 
     def all_mutations(self) -> dict:

@@ -8,6 +8,8 @@ import contextlib
 import functools
 import sys
 
+import ignite.distributed as idist
+
 from vocseg import outputs
 from vocseg.clearml import reports as clearml_reports
 from vocseg.clearml import session as clearml_session
@@ -50,8 +52,7 @@ def _run(config, one_rank) -> None:
         # A clone run by clearml-agent loads its task's edits; CONFIG_OVERRIDES applies on top, in every process.
         source = with_overrides(clone_source(config_source(config)))
         device = source.setting("device")
-        preflight = source.setting("preflight")  # runs here, even for a run that would be enqueued
-        enqueued = not preflight and clearml_session.enabled() and clearml_session.requested_queue(source)
+        enqueued = _enqueued(source)
         if not enqueued:  # an agent's machine, not this one, needs the GPU of an enqueued run
             machine.check_gpu_visible(device, where=f"config {source.config_path}")
         nproc = launch.processes_per_node(source.setting("nproc_per_node"), device)
@@ -66,6 +67,13 @@ def _run(config, one_rank) -> None:
             )
         on_gpu = not str(device or "").startswith("cpu")
         launch.launch(one_rank, source, nproc_per_node=nproc, on_gpu=on_gpu, timeout_s=source.setting("dist_timeout"))
+
+
+def _enqueued(source: ConfigSource) -> bool:
+    """Whether this run goes to a ClearML queue instead of training here (a preflight always runs here)."""
+    return bool(
+        not source.setting("preflight") and clearml_session.enabled() and clearml_session.requested_queue(source)
+    )
 
 
 @contextlib.contextmanager
@@ -88,8 +96,7 @@ def _train_one_rank(source: ConfigSource) -> None:
         preflight(source.config_path, mutations=source.all_mutations() or None)
         return
     output_dir = outputs.run_dir(source.config_path, source.setting("run_name"))
-    enqueued = clearml_session.enabled() and clearml_session.requested_queue(source)
-    if not enqueued:  # an enqueued run trains on an agent, in a folder of its own
+    if not _enqueued(source):  # an enqueued run trains on an agent, in a folder of its own
         folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
     try:
         tracker_factory = None
@@ -114,7 +121,7 @@ def _evaluate_one_rank(source: ConfigSource) -> None:
         raise UserError("preflight=True times a training run: use it with code/scripts/training.py")
     outputs.check_output_base()
     factory = None
-    if clearml_session.enabled() and launch.idist.get_rank() == 0:
+    if clearml_session.enabled() and idist.get_rank() == 0:
         task = clearml_session.init_task(source.config_path, "testing", source.script_path)
         factory = functools.partial(clearml_reports.EvaluationReport, task)
     evaluate(

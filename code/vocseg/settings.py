@@ -311,10 +311,10 @@ def _from_env(setting: Setting):
     return value
 
 
-_MISSING = object()
+MISSING = object()  # no default given: the table's
 
 
-def resolve(key: str, overrides: Mapping, edited_config: Mapping, default=_MISSING):
+def resolve(key: str, overrides: Mapping, edited_config: Mapping, default=MISSING):
     """The value of setting ``key`` before the config runs, by the rule above. ``edited_config``: the config's
     literal constants with a clone's edits applied."""
     if key in overrides:
@@ -325,7 +325,7 @@ def resolve(key: str, overrides: Mapping, edited_config: Mapping, default=_MISSI
         return from_env
     if key in edited_config:
         return edited_config[key]
-    if default is not _MISSING:
+    if default is not MISSING:
         return default
     return setting.default if setting else None
 

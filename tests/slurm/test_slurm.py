@@ -26,6 +26,18 @@ def env_for(data, out, **extra):
     return env
 
 
+def srun_two_tasks(env):
+    """Training of the tiny config as one srun step of two tasks (ignite reads the SLURM_* variables)."""
+    return subprocess.run(
+        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def metrics(out):
     (found,) = Path(out).glob("tiny/*/metrics.json")
     return found.parent, json.loads(found.read_text())
@@ -47,14 +59,7 @@ def job_state(job):
 
 
 def test_srun_two_tasks_match_torchrun_two_processes(synthetic_voc, tmp_path):
-    srun = subprocess.run(
-        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
-        cwd=ROOT,
-        env=env_for(synthetic_voc, tmp_path / "srun"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    srun = srun_two_tasks(env_for(synthetic_voc, tmp_path / "srun"))
     assert srun.returncode == 0, srun.stderr[-3000:]
     assert "world size 2" in srun.stderr
     run_dir, by_srun = metrics(tmp_path / "srun")
@@ -76,14 +81,7 @@ def test_srun_two_tasks_match_torchrun_two_processes(synthetic_voc, tmp_path):
 
 def test_config_overrides_reach_every_srun_task(synthetic_voc, tmp_path):
     env = env_for(synthetic_voc, tmp_path, CONFIG_OVERRIDES="num_epochs=1 run_name=overridden")
-    srun = subprocess.run(
-        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    srun = srun_two_tasks(env)
     assert srun.returncode == 0, srun.stderr[-3000:]
     run_dir, result = metrics(tmp_path)
     assert run_dir.name == "overridden" and "world size 2" in srun.stderr
@@ -97,18 +95,13 @@ def test_srun_on_the_smallest_dataset_validates_on_every_rank_and_matches_one_pr
     data = tmp_path / "data"
     make_synthetic_voc(data, 16, 8, seed=0)
     env = env_for(data, tmp_path / "out", CONFIG_OVERRIDES="num_epochs=1 run_name=small")
-    srun = subprocess.run(
-        ["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", *TRAIN],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    srun = srun_two_tasks(env)
     assert srun.returncode == 0, srun.stderr[-3000:]
     run_dir, trained = metrics(tmp_path / "out")
     assert trained["completed"] and "world size 2" in srun.stderr
-    (weights,) = sorted((run_dir / "checkpoints").glob("training_checkpoint_*.pt"))[-1:]
+    (weights,) = sorted(
+        (run_dir / "checkpoints").glob("training_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1])
+    )[-1:]
     scored = subprocess.run(
         [sys.executable, "-m", "py_config_runner", "code/scripts/evaluation.py", "tests/configs/tiny_eval.py"],
         cwd=ROOT,
