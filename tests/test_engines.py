@@ -178,24 +178,6 @@ def test_gpu_switches(monkeypatch):
     assert not channels_last
 
 
-@pytest.mark.parametrize(
-    "world, device, requested, expected",
-    [
-        (1, "cuda", None, False),
-        (2, "cuda", None, True),
-        (2, "cuda", False, False),
-        (2, "cuda", True, True),
-        (2, "cpu", None, False),
-        (2, "cpu", True, False),
-    ],
-)
-def test_sync_bn_default(monkeypatch, caplog, world, device, requested, expected):
-    monkeypatch.setattr(training.idist, "get_world_size", lambda: world)
-    config = {} if requested is None else {"sync_bn": requested}
-    assert training._sync_bn(config, torch.device(device)) == expected
-    assert ("sync_bn=True ignored" in caplog.text) == (device == "cpu" and requested is True)
-
-
 def test_each_rank_draws_its_own_numbers_and_rank_0_keeps_the_old_ones():
     assert iteration_seed(12, 5) == iteration_seed(12, 5, rank=0) == (12 * 1_000_003 + 5)
     assert len({iteration_seed(12, 5, rank) for rank in range(8)}) == 8

@@ -19,6 +19,7 @@ from vocseg.data import transforms as T
 from vocseg.data.size_grouped import SizeGroupedBatches, image_sizes
 from vocseg.datasets import VOCSBDTrain, VOCSegmentation
 from vocseg.errors import UserError
+from vocseg.runtime import device_plan
 
 
 def chw_tensor(image: np.ndarray) -> torch.Tensor:
@@ -183,8 +184,9 @@ def _loader_settings(num_workers: int, pin_memory: bool | None) -> dict:
     nproc = idist.get_nproc_per_node() if idist.get_world_size() > 1 else 1
     if nproc > 1 and num_workers >= nproc:
         num_workers = (num_workers + nproc - 1) // nproc
-    if pin_memory is None:
-        pin_memory = "cuda" in idist.device().type
+    if pin_memory is None:  # the device plan's (GPU runs pin), off outside a run
+        plan = device_plan.current()
+        pin_memory = bool(plan and plan.pin_memory)
     return dict(
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0, worker_init_fn=seed_worker
     )

@@ -10,7 +10,7 @@ import sys
 
 import ignite.distributed as idist
 
-from vocseg import outputs
+from vocseg import outputs, settings
 from vocseg.clearml import reports as clearml_reports
 from vocseg.clearml import session as clearml_session
 from vocseg.clearml.clone_edits import clone_source
@@ -19,7 +19,7 @@ from vocseg.engine.evaluate import evaluate
 from vocseg.engine.preflight import preflight
 from vocseg.engine.train import train
 from vocseg.errors import UserError, exit_with
-from vocseg.runtime import folder_lock, launch, machine, signals
+from vocseg.runtime import device_plan, folder_lock, launch, machine, signals
 
 
 def script_main(usage: str, argv=None) -> int:
@@ -43,30 +43,56 @@ def run_training(config, **_runner_kwargs) -> None:
 
 def run_evaluation(config, **_runner_kwargs) -> None:
     """py_config_runner's entry point of code/scripts/evaluation.py."""
-    _run(config, _evaluate_one_rank)
+    _run(config, _evaluate_one_rank, amp_default="off")  # scores in full precision unless the config asks
 
 
-def _run(config, one_rank) -> None:
-    signals.stop_on_signals(in_process_group=launch.distributed_backend() is not None)
+def _run(config, one_rank, amp_default=settings.MISSING) -> None:
+    signals.stop_on_signals(in_process_group=launch.joins_group())
     with _exit_codes():
         # A clone run by clearml-agent loads its task's edits; CONFIG_OVERRIDES applies on top, in every process.
         source = with_overrides(clone_source(config_source(config)))
-        device = source.setting("device")
-        enqueued = _enqueued(source)
-        if not enqueued:  # an agent's machine, not this one, needs the GPU of an enqueued run
-            machine.check_gpu_visible(device, where=f"config {source.config_path}")
-        nproc = launch.processes_per_node(source.setting("nproc_per_node"), device)
-        if nproc > 1 and enqueued:
-            nproc = 1  # the agent that runs it will choose
-        if nproc > 1:
+        request = _device_request(source, amp_default)
+        plan = device_plan.plan_process(request)  # before anything could touch CUDA; one line on bad input
+        if plan.spawn > 1:
             print(
-                f"vocseg: starting {nproc} processes on this machine (one per visible GPU unless nproc_per_node says"
-                " otherwise); NPROC_PER_NODE=1 or CONFIG_OVERRIDES=nproc_per_node=1 runs one",
+                f"vocseg: starting {plan.spawn} processes on this machine (one per visible GPU unless nproc_per_node"
+                " says otherwise); NPROC_PER_NODE=1 or CONFIG_OVERRIDES=nproc_per_node=1 runs one",
                 file=sys.stderr,
                 flush=True,
             )
-        on_gpu = not str(device or "").startswith("cpu")
-        launch.launch(one_rank, source, nproc_per_node=nproc, on_gpu=on_gpu, timeout_s=source.setting("dist_timeout"))
+        rank_main = functools.partial(_one_process, one_rank, request, plan.spawn > 1)
+        try:
+            launch.launch(
+                rank_main,
+                source,
+                nproc_per_node=plan.spawn,
+                backend=plan.backend,
+                timeout_s=source.setting("dist_timeout"),
+            )
+        finally:
+            device_plan.release()
+
+
+def _device_request(source: ConfigSource, amp_default) -> device_plan.Request:
+    where = f"config {source.config_path}"
+    if _enqueued(source):
+        # An agent's machine, not this one, needs the GPU of an enqueued run; it decides its own processes.
+        return device_plan.Request(device=None, nproc_per_node=1, where=where)
+    return device_plan.Request(
+        device=source.setting("device"),
+        amp=source.setting("amp", amp_default),
+        sync_bn=source.setting("sync_bn"),
+        nproc_per_node=source.setting("nproc_per_node"),
+        where=where,
+    )
+
+
+def _one_process(one_rank, request: device_plan.Request, spawned: bool, source: ConfigSource) -> None:
+    if spawned:  # a process that this launch started decides its own plan: its rank picks its GPU
+        device_plan.plan_process(request, spawned_rank=idist.get_local_rank(), spawned=idist.get_world_size())
+    if device_plan.current().device.type == "cpu":
+        machine.tune_cpu_allocator()
+    one_rank(source)
 
 
 def _enqueued(source: ConfigSource) -> bool:

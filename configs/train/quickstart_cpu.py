@@ -9,7 +9,7 @@ from vocseg.optim import adamw, optimizer_steps, poly_lr
 
 seed = 12
 device = "cpu"
-amp = "off"
+amp = "auto"  # bf16 where this CPU computes it natively (AVX512-BF16, AMX), else fp32; the log says which
 
 batch_size = 8
 num_workers = 2

@@ -116,8 +116,35 @@ def resume(to_load: dict, path, env: str = "RESUME_FROM", optional=()) -> dict:
     if absent:
         raise UserError(f"checkpoint {path} lacks {', '.join(absent)}: resume from a training_checkpoint_*.pt file")
     check_model_state(to_load["model"], checkpoint["model"], path)
+    to_load = _across_precisions(to_load, checkpoint, path)
     Checkpoint.load_objects(to_load={k: v for k, v in to_load.items() if k in checkpoint}, checkpoint=checkpoint)
     return checkpoint
+
+
+def _across_precisions(to_load: dict, checkpoint: dict, path) -> dict:
+    """A run resumed under another precision than the one that wrote ``path`` (a re-enqueued task on another
+    agent, amp changed on purpose) continues; only fp16's loss scale cannot carry over, which one line says.
+    The weights, optimiser and schedule are fp32 in every precision, so they load as they are."""
+    scaler = to_load.get("scaler")
+    if scaler is None or "scaler" not in checkpoint:
+        return to_load
+    saved = checkpoint["scaler"]
+    if scaler.is_enabled() and not saved:
+        logging.getLogger("vocseg").info(
+            "checkpoint %s was written without fp16 (fp32 or bf16); this run is fp16: its loss scale starts afresh "
+            "at %g",
+            path,
+            scaler.get_scale(),
+        )
+        return {k: v for k, v in to_load.items() if k != "scaler"}
+    if saved and not scaler.is_enabled():
+        logging.getLogger("vocseg").info(
+            "checkpoint %s was written under fp16; this run is not: its loss scale (%g) is not needed",
+            path,
+            saved.get("scale", float("nan")),
+        )
+        return {k: v for k, v in to_load.items() if k != "scaler"}
+    return to_load
 
 
 def carry_best_models(best: Checkpoint, resumed_from, best_dir) -> list:

@@ -10,13 +10,12 @@ from ignite.engine import Events
 from vocseg import outputs
 from vocseg.config import check_inference
 from vocseg.data.voc import VOC_CLASSES, save_palette_png
-from vocseg.engine import precision
 from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator
 from vocseg.models import model_for
-from vocseg.runtime import machine
+from vocseg.runtime import device_plan
 
 log = logging.getLogger("vocseg")
 
@@ -42,14 +41,16 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
         # eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job.
         name=f"eval-{outputs.run_name(run_name)}",
     )
-    device = machine.choose_device(config.device, where=f"config {config_path}")
-    evaluator, amp_dtype, tta = _evaluator(config, config_path, weights["path"], device)
+    plan = device_plan.current() or device_plan.plan_process(
+        device_plan.Request(device=config.get("device"), amp=config.get("amp", "off"), where=f"config {config_path}")
+    )
+    evaluator, tta = _evaluator(config, weights["path"], plan)
     logger.info(
         "evaluating %s on %d images | device %s | precision %s | flip %s | scales %s | output %s",
         config.weights_path,
         len(config.data_loader.dataset),
-        device,
-        precision.describe(amp_dtype),
+        plan.device,
+        plan.precision,
         tta["flip"],
         tuple(tta["scales"]),
         output_dir,
@@ -77,21 +78,19 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
     return result
 
 
-def _evaluator(config, config_path, weights_path, device):
-    """The evaluator of the config's model with the weights loaded, its precision, and its test-time
-    augmentation."""
+def _evaluator(config, weights_path, plan):
+    """The evaluator of the config's model with the weights loaded, and its test-time augmentation. Its
+    precision is the plan's: full precision unless the config asks for amp (vocseg.entry)."""
     model = model_for(config.model, weights_path)
     load_weights(model, weights_path)
-    model = model.to(device)
+    model = model.to(plan.device)  # each process scores a shard with the bare model: no DDP
     flip, scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
-    # Scores are reported in full precision unless the config asks for amp.
-    amp_dtype = precision.amp_dtype(config.get("amp", "off"), device, where=f"config {config_path}")
     evaluator = create_evaluator(
         model,
-        device=device,
-        amp_dtype=amp_dtype,
+        device=plan.device,
+        amp_dtype=plan.amp_dtype,
         flip=flip,
         scales=scales,
         num_classes=int(config.get("num_classes", 21)),
     )
-    return evaluator, amp_dtype, {"flip": flip, "scales": list(scales)}
+    return evaluator, {"flip": flip, "scales": list(scales)}

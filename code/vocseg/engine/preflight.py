@@ -8,26 +8,25 @@ lock), starts no ClearML task and leaves no checkpoint, so it can run next to th
 
 import logging
 import math
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import ignite.distributed as idist
-import torch
 from ignite.engine import Events
 
 from vocseg.config import check_trainval
 from vocseg.engine.checkpoints import check_model_state, load_file, training_checkpointer
 from vocseg.engine.prepare import prepare
 from vocseg.engine.train import TRAIN_LOADERS, Run, _build
+from vocseg.runtime import device_plan
 
 log = logging.getLogger("vocseg")
 
 WARMUP = 2  # iterations not timed: the first ones start the loader's workers and warm up kernels and allocators
 TIMED = 5
 VAL_BATCHES = 3
+FREE_MARGIN = 0.10  # below this share of a GPU left free, the summary warns
 
 
 def preflight(config_path, mutations=None) -> dict:
@@ -40,7 +39,7 @@ def preflight(config_path, mutations=None) -> dict:
         times = {"iteration": _time_iterations(run)}
         times.update(_time_checkpoint(run, Path(scratch) / "checkpoints"))
         times["validation"] = {
-            tag: _time_validation(evaluator, run.loaders[tag])
+            tag: _time_validation(evaluator, run.loaders[tag], run.plan)
             for tag, evaluator in run.evaluators.items()
             if run.loaders[tag] is not None
         }
@@ -57,7 +56,13 @@ def _time_iterations(run: Run) -> float:
     rank's: the ranks wait for each other at every optimiser step."""
     count = WARMUP + TIMED
     stamps = []
-    run.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
+
+    def stamp(_):
+        # CUDA runs the step's kernels after the step returns: wait for them, or the queue runs ahead of the clock.
+        device_plan.synchronize(run.plan)
+        stamps.append(time.perf_counter())
+
+    run.trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
     run.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=count), lambda engine: engine.terminate())
     per_epoch = len(run.train_loader)
     run.trainer.run(run.train_loader, max_epochs=math.ceil(count / per_epoch))
@@ -70,6 +75,7 @@ def _time_iterations(run: Run) -> float:
 def _time_checkpoint(run: Run, folder: Path) -> dict:
     """One training checkpoint written (rank 0, as in a run) and read back, with its size."""
     checkpointer = training_checkpointer(run.to_save, folder)
+    device_plan.synchronize(run.plan)  # the last step's leftover work is not the checkpoint's
     started = time.perf_counter()
     checkpointer(run.trainer)
     written = time.perf_counter() - started
@@ -84,14 +90,16 @@ def _time_checkpoint(run: Run, folder: Path) -> dict:
     return {"checkpoint_write": _slowest(written), "checkpoint_read": read, "checkpoint_bytes": size}
 
 
-def _time_validation(evaluator, loader) -> float:
+def _time_validation(evaluator, loader, plan) -> float:
     """Seconds one full pass over ``loader`` would take, from the first few batches (its start included)."""
     batches = len(loader)
+    device_plan.synchronize(plan)
     started = time.perf_counter()
     if batches <= VAL_BATCHES:
         evaluator.run(loader)
     else:
         evaluator.run(loader, epoch_length=VAL_BATCHES)
+    device_plan.synchronize(plan)
     seconds = (time.perf_counter() - started) * max(1, batches) / max(1, min(batches, VAL_BATCHES))
     return _slowest(seconds)
 
@@ -111,15 +119,32 @@ def _slowest(seconds: float) -> float:
     return float(idist.all_reduce(float(seconds), op="MAX")) if idist.get_world_size() > 1 else seconds
 
 
-def _peak_memory(device) -> list:
-    """Each process's peak memory in bytes: CUDA's max_memory_allocated on a GPU, the peak RSS on the CPU."""
-    if device.type == "cuda":
-        peak = float(torch.cuda.max_memory_allocated(device))
-    else:
-        peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+def _peak_memory(plan) -> list:
+    """Each process's peak memory: on a GPU the peak reserved by torch's allocator (what running out of memory
+    is measured against; the CUDA context and NCCL's buffers come on top), with the device's total; on the CPU
+    the peak resident memory."""
+    peak = device_plan.peak_memory(plan)
     if idist.get_world_size() == 1:
-        return [peak]
-    return [float(v) for v in idist.all_gather(peak)]
+        return [(peak["reserved"], peak["total"] or 0.0)]
+    reserved, totals = idist.all_gather(float(peak["reserved"])), idist.all_gather(float(peak["total"] or 0.0))
+    return [(float(p), float(t)) for p, t in zip(reserved, totals)]
+
+
+def _memory(peaks: list, on_gpu: bool) -> tuple[str, str]:
+    """The summary's memory part, and its warning when a GPU would be left with under 10% free."""
+    if not on_gpu:
+        return "peak memory per process (peak RSS) " + ", ".join(f"{p / 2**30:.2f} GiB" for p, _ in peaks), ""
+    text = "peak GPU memory per process (reserved of total) " + ", ".join(
+        f"{p / 2**30:.2f} of {t / 2**30:.1f} GiB" for p, t in peaks
+    )
+    tight = [i for i, (p, t) in enumerate(peaks) if t and t - p < FREE_MARGIN * t]
+    warning = ""
+    if tight:
+        warning = (
+            f" | WARNING: rank(s) {', '.join(map(str, tight))} would leave under {FREE_MARGIN:.0%} of the GPU free"
+            " (the CUDA context and NCCL need some): lower batch_size and raise accumulation_steps"
+        )
+    return text, warning
 
 
 def _validations(num_epochs: int, val_interval: int) -> int:
@@ -133,23 +158,25 @@ def _summary(run: Run, times: dict) -> dict:
     validation = sum(times["validation"].values())
     checkpoints = iterations // run.save_every_iters + 1
     total = iterations * times["iteration"] + validations * validation + checkpoints * times["checkpoint_write"]
-    peaks = _peak_memory(run.device)
-    kind = "CUDA max allocated" if run.device.type == "cuda" else "peak RSS"
+    peaks = _peak_memory(run.plan)
+    memory, warning = _memory(peaks, run.device.type == "cuda")
     parts = " + ".join(f"{tag} {_duration(s)}" for tag, s in times["validation"].items())
     line = (
         f"preflight: {run.config.get('config_filepath')} | {idist.get_world_size()} process(es) on {run.device.type}"
         f" | {times['iteration']:.3f} s/iteration ({TIMED} timed after {WARMUP} warm-up)"
-        f" | peak memory per process ({kind}) {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)}"
+        f" | {memory}"
         f" | loader {times['loader']:.0f} images/s per process"
         f" | checkpoint {times['checkpoint_bytes'] / 2**20:.0f} MiB written in {times['checkpoint_write']:.2f} s,"
         f" read back in {times['checkpoint_read']:.2f} s"
         f" | each validation ~{_duration(validation)} ({parts}) x {validations}"
         f" | projected run {_duration(total)} ({iterations} iterations, {run.num_epochs} epochs)"
         " | nothing written to the run folder"
+        f"{warning}"
     )
     return {
         **times,
-        "peak_memory_bytes": peaks,
+        "peak_memory_bytes": [p for p, _ in peaks],
+        "device_memory_bytes": [t for _, t in peaks],
         "iterations": iterations,
         "validations": validations,
         "projected_validation_s": validation,

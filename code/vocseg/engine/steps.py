@@ -1,5 +1,6 @@
 """Ignite engines: ``train_step`` (the loss, AMP, accumulation, the optimiser and per-step LR) and the evaluators."""
 
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -33,6 +34,10 @@ def iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
 
 
 NO_NONFINITE = 2**62  # the on-device record's "no non-finite loss so far"
+# Under fp16 a non-finite loss is an overflow that GradScaler answers by skipping the update (the weights stay
+# as they were) and halving its scale: a skipped step, not a broken run. The run stops when the loss stays
+# non-finite this many iterations in a row, which no rescaling has cured. In fp32 and bf16 the first one stops it.
+FP16_NONFINITE_STREAK = 20
 
 
 def create_trainer(
@@ -50,9 +55,9 @@ def create_trainer(
     compile_model=False,
     check_every: Sequence[int] = (),
 ) -> Engine:
-    """The training step. ``amp_dtype`` comes from vocseg.engine.precision; ``compile_model`` (True or torch.compile
-    keywords) compiles the training forward only; ``check_every``: the iteration periods (logging, checkpoints)
-    at which a non-finite loss is looked for, before anything registered later runs."""
+    """The training step. ``amp_dtype`` comes from the device plan (vocseg.runtime.device_plan); ``compile_model``
+    (True or torch.compile keywords) compiles the training forward only; ``check_every``: the iteration periods
+    (logging, checkpoints) at which a non-finite loss is looked for, before anything registered later runs."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = model
     if compile_model:
@@ -73,6 +78,7 @@ def create_trainer(
     trainer.scaler = scaler
     trainer.state.nan_iteration = None
     trainer.add_event_handler(Events.STARTED, _no_nonfinite_yet, device)
+    trainer.state.nonfinite_limit = FP16_NONFINITE_STREAK if scaler.is_enabled() else 1
     trainer.add_event_handler(Events.EPOCH_STARTED, _position_sampler, train_sampler)
     trainer.add_event_handler(Events.ITERATION_STARTED, _seed_iteration, seed, idist.get_rank())
     _attach_nonfinite_check(trainer, check_every)
@@ -109,6 +115,8 @@ def train_step(
 
 def _no_nonfinite_yet(engine: Engine, device) -> None:
     engine.state.first_nonfinite = torch.tensor(NO_NONFINITE, device=device)
+    engine.state.nonfinite_streak = torch.tensor(0, device=device)
+    engine.state.skipped_steps = torch.tensor(0, device=device)
 
 
 def _position_sampler(engine: Engine, train_sampler) -> None:
@@ -136,9 +144,15 @@ def _seed_iteration(engine: Engine, seed: int, rank: int) -> None:
 
 def _record_nonfinite(state, loss: torch.Tensor, iteration: int) -> None:
     # On the device: the step never waits for the GPU; the record is read at the check boundaries only.
+    bad = ~torch.isfinite(loss)
+    limit = getattr(state, "nonfinite_limit", 1)
+    state.nonfinite_streak = torch.where(bad, state.nonfinite_streak + 1, torch.zeros_like(state.nonfinite_streak))
+    state.skipped_steps = state.skipped_steps + bad.long()
     first = state.first_nonfinite
     state.first_nonfinite = torch.where(
-        ~torch.isfinite(loss) & (first == NO_NONFINITE), torch.full_like(first, iteration), first
+        (state.nonfinite_streak >= limit) & (first == NO_NONFINITE),
+        torch.full_like(first, iteration - limit + 1),
+        first,
     )
 
 
@@ -157,6 +171,16 @@ def _attach_nonfinite_check(trainer: Engine, check_every: Sequence[int]) -> None
             # stop together, or rank 0 would go on to checkpoint the ruined weights.
             first = idist.all_reduce(first.clone(), op="MIN")
         first = int(first)  # the one host sync, at a boundary
+        skipped = int(engine.state.skipped_steps)
+        if skipped and engine.state.nonfinite_limit > 1 and first == NO_NONFINITE:
+            logging.getLogger("vocseg").warning(
+                "fp16: %d iteration(s) with an overflowing loss up to iteration %d; GradScaler skipped their "
+                "updates and lowered its scale (a run stops after %d in a row)",
+                skipped,
+                engine.state.iteration,
+                engine.state.nonfinite_limit,
+            )
+            engine.state.skipped_steps.zero_()
         if first != NO_NONFINITE:
             engine.state.nan_iteration = first
             engine.terminate()

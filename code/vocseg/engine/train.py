@@ -24,7 +24,6 @@ from ignite.handlers import EarlyStopping, ProgressBar, Timer
 from vocseg import outputs
 from vocseg.config import check_trainval
 from vocseg.dataflow import images_scored
-from vocseg.engine import precision
 from vocseg.engine.checkpoints import (
     RunSettings,
     best_model_checkpointer,
@@ -38,7 +37,7 @@ from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.models import ARCHITECTURE_FILE, architecture, backbone_source
-from vocseg.runtime import machine, ranks, signals
+from vocseg.runtime import device_plan, ranks, signals
 from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
@@ -52,8 +51,7 @@ class Run:
     config: Any
     output_dir: Path
     device: torch.device
-    precision: str
-    sync_bn: bool
+    plan: device_plan.DevicePlan
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     trainer: Engine
@@ -159,20 +157,23 @@ def _how_to_continue(exc, run: Run, resumed_from) -> signals.Interrupted:
 # Building the run from the loaded config.
 
 
-def _sync_bn(config, device) -> bool:
-    """On by default when several CUDA processes train (BatchNorm then sees the whole batch); ``sync_bn=False``
-    opts out. torch's SyncBatchNorm raises on CPU tensors at the first training step."""
-    requested = config.get("sync_bn")
-    if idist.get_world_size() == 1:
-        return False
-    if device.type == "cpu":
-        if requested:
-            log.warning(
-                "sync_bn=True ignored: SyncBatchNorm needs GPUs; each CPU process keeps its own BatchNorm "
-                "statistics (rank 0's are the ones evaluated and saved)"
-            )
-        return False
-    return True if requested is None else bool(requested)
+def _device_plan(config, config_path) -> device_plan.DevicePlan:
+    """This process's device plan (vocseg.entry decided it), with SyncBN decided from the loaded config, which
+    may compute sync_bn. Called without a plan (a test calling train() directly), it decides one."""
+    where = f"config {config_path}"
+    plan = device_plan.current() or device_plan.plan_process(
+        device_plan.Request(device=config.get("device"), amp=config.get("amp", "auto"), where=where)
+    )
+    asked = str(config.get("device") or "").split(":")[0]
+    if asked and asked != plan.device.type:
+        raise UserError(
+            f"{where} computes device={config.get('device')!r} but this process was planned on {plan.device} from "
+            "the device setting: write device as a literal (or use CONFIG_OVERRIDES=device=...)"
+        )
+    plan = device_plan.with_sync_bn(plan, config.get("sync_bn"))
+    for said in plan.warnings:
+        log.warning("%s", said)
+    return plan
 
 
 def _gpu_switches(config, device, model):
@@ -204,14 +205,11 @@ def _schedule(config, config_path) -> dict:
 
 def _build(config, config_path, seed: int, output_dir) -> Run:
     """The model on its device, the engines and the schedule, from the loaded config."""
-    device = machine.choose_device(config.device, where=f"config {config_path}")
+    plan = _device_plan(config, config_path)
+    device, amp_dtype = plan.device, plan.amp_dtype
     schedule = _schedule(config, config_path)
-    amp_dtype = precision.amp_dtype(config.get("amp", "auto"), device, where=f"config {config_path}")
-    sync_bn = _sync_bn(config, device)
     model, channels_last = _gpu_switches(config, device, config.model)
-    model = idist.auto_model(model, sync_bn=sync_bn)
-    if device.type == "cpu" and idist.get_world_size() == 1:
-        model = model.to(device)
+    model = device_plan.place_model(model, plan)
     trainer = create_trainer(
         model,
         config.optimizer,
@@ -245,8 +243,7 @@ def _build(config, config_path, seed: int, output_dir) -> Run:
         config=config,
         output_dir=output_dir,
         device=device,
-        precision=precision.describe(amp_dtype),
-        sync_bn=sync_bn,
+        plan=plan,
         model=model,
         optimizer=config.optimizer,
         trainer=trainer,
@@ -284,14 +281,7 @@ def _log_header(run: Run, config_path) -> None:
         ignite.__version__,
         platform.python_version(),
     )
-    log.info(
-        "device %s | world size %d | precision %s | sync_bn %s | config %s",
-        run.device,
-        idist.get_world_size(),
-        run.precision,
-        "on" if run.sync_bn else "off",
-        config_path,
-    )
+    log.info("device %s | world size %d | config %s", run.plan.line(), idist.get_world_size(), config_path)
     log.info("backbone weights: %s", run.backbone_source or "not recorded (the model is not a vocseg.models build)")
     log.info(
         "train images %d (%d iterations/epoch/process) | val images %d | train-eval images %d",
@@ -479,7 +469,8 @@ def _write_results(run: Run, extra=None) -> None:
             "best_model": best and str(run.output_dir / "best" / best),
             "output_dir": str(run.output_dir),
             "backbone_source": run.backbone_source,
-            "precision": run.precision,
+            "precision": run.plan.precision_name,  # fp32, bf16 or fp16 autocast
+            "device": str(run.device),
             **(extra or {}),
         },
     )

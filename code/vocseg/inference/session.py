@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from vocseg.config import load_config
 from vocseg.data.normalize import normalize
 from vocseg.dataflow import chw_tensor
-from vocseg.engine import precision
 from vocseg.engine.checkpoints import load_weights, resolve_weights
 from vocseg.engine.steps import autocast, predict
 from vocseg.errors import UserError
 from vocseg.models import model_for
-from vocseg.runtime import machine
+from vocseg.runtime import device_plan
 
 
 def _assigned_names(path: Path) -> set:
@@ -55,15 +54,15 @@ class Predictor:
                 f"WEIGHTS_PATH / weights_path in {config_path}"
             )
         where = "--device" if device else f"config {config_path}"
-        self.device = machine.choose_device(device or config.get("device", "cpu"), where)
+        # Full precision unless the config asks for amp, as the evaluation script.
+        plan = device_plan.for_inference(device or config.get("device", "cpu"), config.get("amp", "off"), where)
+        self.device, self.dtype = plan.device, plan.amp_dtype
         self.weights = str(weights)
         local = resolve_weights(weights, env="--weights")
         self.model = model_for(config.model, local)
         load_weights(self.model, local, env="--weights")
         self.model.eval().to(self.device)
         self.flip, self.scales = bool(config.get("tta_flip", False)), tuple(config.get("tta_scales", (1.0,)))
-        # Full precision unless the config asks for amp, as the evaluation script.
-        self.dtype = precision.amp_dtype(config.get("amp", "off"), self.device, where=f"config {config_path}")
 
     def describe(self) -> str:
         return f"weights {self.weights} | device {self.device} | flip {self.flip} | scales {self.scales}"

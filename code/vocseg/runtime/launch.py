@@ -13,16 +13,17 @@ import sys
 
 import ignite.distributed as idist
 import torch
+from ignite.distributed.comp_models.native import _setup_ddp_vars_from_slurm_env
 
 # How long a rank waits in a collective for a peer that is alive but stuck, unless dist_timeout says otherwise
 # (a dead peer is noticed at once: its sockets close, and torchrun stops the job). nccl keeps torch's default.
 GLOO_TIMEOUT_S = 120
 
 
-def launch(main, *args, nproc_per_node: int = 1, on_gpu: bool = False, timeout_s: float | None = None) -> None:
+def launch(main, *args, nproc_per_node: int = 1, backend: str | None = None, timeout_s: float | None = None):
     """Runs ``main(*args)`` in every process of the run. ``nproc_per_node`` is how many processes to start here
-    when no launcher started them; ``on_gpu`` picks nccl over gloo for them."""
-    with parallel_context(nproc_per_node, on_gpu, timeout_s) as parallel:
+    when no launcher started them; ``backend`` is their process group's (the device plan's: gloo or nccl)."""
+    with parallel_context(nproc_per_node, backend, timeout_s) as parallel:
         parallel.run(_one_rank, main, args, nproc_per_node)
 
 
@@ -34,29 +35,11 @@ def _one_rank(local_rank, main, args, spawned: int) -> None:
     main(*args)
 
 
-def processes_per_node(given: int | None, device: str | None) -> int:
-    """How many processes ``launch`` starts itself: none more under torchrun or srun (they started them);
-    else ``given`` (the nproc_per_node setting); else one per visible GPU when there are several and the config
-    does not ask for the CPU -- so a clone on an agent given ``--gpus 0,1`` uses both."""
-    if distributed_backend() is not None:
-        return 1
-    if given is not None:
-        return int(given)
-    if str(device or "").startswith("cpu"):
-        return 1
-    return max(1, torch.cuda.device_count())
-
-
-def distributed_backend():
-    """gloo on CPU, nccl on GPU, nothing for a plain single process.
-
-    A process group is needed under torchrun / torch.distributed.launch (they set WORLD_SIZE) and under an
-    ``srun`` step of several tasks, where ignite reads the ranks and the rendezvous from the SLURM_* variables.
-    A batch script's own shell (no SLURM_STEP_NUM_TASKS) is one process.
-    """
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
-        return None
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def joins_group() -> bool:
+    """Whether a launcher started this process as one of several: torchrun / torch.distributed.launch (they set
+    WORLD_SIZE), or an ``srun`` step of several tasks. A batch script's own shell (no SLURM_STEP_NUM_TASKS) is
+    one process."""
+    return "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
 def process_group_timeout(backend, seconds: float | None):
@@ -68,13 +51,11 @@ def process_group_timeout(backend, seconds: float | None):
 
 
 @contextlib.contextmanager
-def parallel_context(nproc: int = 1, on_gpu: bool = False, timeout_s: float | None = None):
+def parallel_context(nproc: int = 1, backend: str | None = None, timeout_s: float | None = None):
     """idist.Parallel for however this process was launched, or starting ``nproc`` processes itself, with the
-    process-group timeout applied."""
-    backend = distributed_backend()
-    if backend is None and nproc > 1:
-        backend = "nccl" if on_gpu and torch.cuda.is_available() else "gloo"
-        timeout = process_group_timeout(backend, timeout_s)
+    process-group timeout applied. The device of each process is set before (vocseg.runtime.device_plan)."""
+    timeout = process_group_timeout(backend, timeout_s)
+    if not joins_group() and nproc > 1:
         _announce(backend, nproc, timeout)
         with idist.Parallel(
             backend=backend,
@@ -85,33 +66,35 @@ def parallel_context(nproc: int = 1, on_gpu: bool = False, timeout_s: float | No
         ) as parallel:
             yield parallel
         return
-    if backend is None:
+    if not joins_group():
         with idist.Parallel() as parallel:
             yield parallel
         return
-    # ignite 0.5.5 hands Parallel(timeout=...) to init_process_group only when it spawns the processes
-    # itself, never under torchrun: initialise here, and Parallel() runs the function in this group.
-    timeout = process_group_timeout(backend, timeout_s)
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-        _announce(backend, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1), timeout)
-    store = _restarted_group_store(timeout)
-    if store is None:
-        idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
-    else:  # ignite adopts a process group that exists (idist syncs from the context)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group(
-            backend,
-            store=store,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            **({"timeout": timeout} if timeout else {}),
-        )
+    _rendezvous_from_slurm()
+    if os.environ["RANK"] == "0":
+        _announce(backend, int(os.environ["WORLD_SIZE"]), timeout)
+    # The group is started here, not by idist.initialize: ignite would set every rank's CUDA device to its local
+    # rank, which is wrong where SLURM gives each task a GPU of its own (seen as device 0), and would touch CUDA
+    # in a CPU run. ignite adopts the group (idist syncs from the context).
+    torch.distributed.init_process_group(
+        backend,
+        store=_restarted_group_store(timeout),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        **({"timeout": timeout} if timeout else {}),
+    )
     try:
         with idist.Parallel() as parallel:
             yield parallel
     finally:
         idist.finalize()
+
+
+def _rendezvous_from_slurm() -> None:
+    """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT of an srun task, as ignite derives them (the
+    first node of the job, a port from the job id), unless a launcher inside the task set them."""
+    if "SLURM_JOB_ID" in os.environ:
+        os.environ.update({k: str(v) for k, v in _setup_ddp_vars_from_slurm_env(dict(os.environ)).items()})
 
 
 def _announce(backend: str, world_size: int, timeout) -> None:

@@ -1,4 +1,4 @@
-"""Process-wide settings of the machine: the device, seeds and the CPU allocator.
+"""Process-wide settings of the machine: seeds and the CPU allocator (the device: vocseg.runtime.device_plan).
 
 ``VOCSEG_CPU_ALLOCATOR=default`` leaves glibc's allocator alone in CPU runs (see ``tune_cpu_allocator``).
 """
@@ -8,25 +8,8 @@ import os
 import random
 import sys
 
-import ignite.distributed as idist
 import numpy as np
 import torch
-
-from vocseg.errors import UserError
-
-
-def choose_device(requested, where: str) -> torch.device:
-    """The device this process computes on: the process group's own when there is one, else ``requested``.
-
-    A CUDA device without a visible GPU is refused in one line that starts with ``where`` (the config or option
-    that asked for it). On the CPU the allocator is tuned for repeated steps (``tune_cpu_allocator``).
-    """
-    device = idist.device() if idist.get_world_size() > 1 else torch.device(requested)
-    if device.type == "cuda":
-        check_gpu_visible(requested, where)
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -53,13 +36,3 @@ def tune_cpu_allocator() -> bool:
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 64 << 20)
     return True
-
-
-def check_gpu_visible(requested, where: str) -> None:
-    """Stop with one line when ``requested`` (a device setting) asks for CUDA and no GPU is visible: a GPU recipe
-    must never train on the CPU for days by accident."""
-    if str(requested or "").startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"{where}: device='{requested}' but no GPU is visible: set device='cpu' "
-            "(CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose)"
-        )
