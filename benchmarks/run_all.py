@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["dataflow.py", "trainer_overhead.py", "startup_exit.py"]
+BENCHMARKS = ["dataflow.py", "trainer_overhead.py", "startup_exit.py", "cpu_bf16.py"]
 
 
 def main(argv=None):

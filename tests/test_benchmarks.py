@@ -114,3 +114,10 @@ def test_preflight():
     (result,), _ = run("preflight.py", "--tiny")
     check(result, "preflight", ["projected_s", "measured_s", "projected_over_measured", "summary"])
     assert result["projected_s"] > 0 and result["measured_s"] > 0
+
+
+def test_cpu_bf16_times_both_precisions_and_says_what_auto_picks():
+    (result,), _ = run("cpu_bf16.py", "--tiny")
+    check(result, "cpu_bf16", ["fp32_s_per_step", "bf16_s_per_step", "bf16_speedup", "native_bf16", "amp_auto_picks"])
+    assert result["fp32_s_per_step"] > 0 and result["bf16_s_per_step"] > 0
+    assert result["amp_auto_picks"] == ("bf16" if result["native_bf16"] else "fp32")

@@ -72,3 +72,30 @@ def test_preflight_of_a_baseline_on_cpu(synthetic_voc, tmp_path, backbone_file):
 def test_preflight_of_a_baseline_under_torchrun(synthetic_voc, tmp_path, backbone_file):
     env = env_for(synthetic_voc, tmp_path, TINY_BASELINE, PRETRAINED_BACKBONE=backbone_file)
     check_summary(preflight(BASELINE, env, launcher=torchrun("--nproc_per_node=2")), tmp_path, 2)
+
+
+def test_gpu_memory_is_reserved_against_the_total_and_warns_under_ten_percent_free():
+    from vocseg.engine.preflight import _memory
+
+    gib = 2**30
+    text, warning = _memory([(30 * gib, 80 * gib), (73 * gib, 80 * gib)], on_gpu=True)
+    assert text == "peak GPU memory per process (reserved of total) 30.00 of 80.0 GiB, 73.00 of 80.0 GiB"
+    assert "rank(s) 1 would leave under 10% of the GPU free" in warning
+    assert _memory([(30 * gib, 80 * gib)], on_gpu=True)[1] == ""
+    assert _memory([(3 * gib, 0.0)], on_gpu=False) == ("peak memory per process (peak RSS) 3.00 GiB", "")
+
+
+def test_every_timestamp_waits_for_the_device(monkeypatch):
+    # CUDA queues the step's kernels and returns: a clock read without synchronising times the queueing.
+    from vocseg.engine import preflight as pre
+
+    events = []
+    monkeypatch.setattr(pre.device_plan, "synchronize", lambda plan: events.append("sync"))
+    monkeypatch.setattr(pre.time, "perf_counter", lambda: events.append("clock") or float(len(events)))
+
+    class Evaluator:
+        def run(self, loader, epoch_length=None):
+            events.append("work")
+
+    pre._time_validation(Evaluator(), [1, 2], plan=None)
+    assert events == ["sync", "clock", "work", "sync", "clock"]
