@@ -70,7 +70,7 @@ SETTINGS = {
             "'cpu', 'cuda' or 'cuda:N'",
             lambda v: isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda"),
             _NONE,
-            "where the model runs; a config that asks for 'cuda' stops when no GPU is visible",
+            "where the model runs (vocseg.runtime.device_plan); 'cuda' stops when no GPU is visible, 'cpu' hides CUDA",
         ),
         Setting(
             "nproc_per_node",
@@ -93,7 +93,7 @@ SETTINGS = {
             "'auto', 'bf16', 'fp16' or 'off'",
             _one_of("auto", "bf16", "fp16", "off"),
             "auto",
-            "mixed precision: 'auto' is bf16 on compute capability 8.0+, fp16 below, off on CPU",
+            "mixed precision: 'auto' is bf16 on compute capability 8.0+, fp16 below; on a CPU bf16 where it is native",
         ),
         Setting(
             "sync_bn",

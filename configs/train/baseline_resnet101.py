@@ -13,7 +13,7 @@ from vocseg.optim import optimizer_steps, poly_lr, sgd
 
 seed = 12
 device = "cuda"  # CONFIG_OVERRIDES=device=cpu runs it on the CPU on purpose
-amp = "auto"  # bf16 on compute capability 8.0+, fp16 below; off on CPU
+amp = "auto"  # bf16 on compute capability 8.0+, fp16 below; bf16 on a CPU only where it is native
 
 # Data: batch_size is the total over all processes, per micro-batch (the paper: 16).
 batch_size = 16
