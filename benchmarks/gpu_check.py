@@ -335,6 +335,10 @@ class Check:
     # -- the table ------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.out.is_dir() and any(self.out.iterdir()):
+            # Its run folder would be continued and its data refused: every check starts from nothing.
+            print(f"gpu-check: {self.out} is not empty: pick a new --out folder or delete it", file=sys.stderr)
+            return 2
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         for name, method in STEPS.items():

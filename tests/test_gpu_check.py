@@ -79,3 +79,7 @@ def test_a_step_without_its_input_fails_the_check(tmp_path):
     proc = gpu_check("--tiny", "--out", str(tmp_path), "--only", "evaluate-tta")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert table(proc) == {"evaluate-tta": ("skipped", pytest.approx(0, abs=0.1), "no weights from training")}
+    # A second check never continues an earlier one's run: it wants a folder of its own.
+    (tmp_path / "logs").mkdir()
+    again = gpu_check("--tiny", "--out", str(tmp_path), "--only", "evaluate-tta")
+    assert again.returncode == 2 and "is not empty: pick a new --out folder" in again.stderr
