@@ -202,7 +202,12 @@ class Check:
         random = "" if os.environ.get("PRETRAINED_BACKBONE") else "; backbone randomly initialised"
         return f"{summary} at {w}x{h}{random}"
 
+    def needs_data(self):
+        if "PRETRAINED_BACKBONE" not in self.env or not (self.data / "VOCdevkit").is_dir():
+            raise Skipped("no data: the data step did not run or failed")
+
     def preflight(self, step, config, overrides=""):
+        self.needs_data()
         code, out, err = self.training(step, config, f"preflight=True {overrides}".strip())
         expect(code, 0, err)
         line = next((x for x in out if x.startswith("preflight: ")), None)
@@ -237,6 +242,7 @@ class Check:
                 asked["at"] = int(found.group(1))
                 proc.send_signal(signal.SIGUSR1)
 
+        self.needs_data()
         first = self.sizes.amp[0]
         code, _out, err = self.training("train", TRAIN, self.leg(first), env={"RUN_NAME": RUN_NAME}, watch=stop_midway)
         if code == 0:
@@ -274,6 +280,7 @@ class Check:
         return found[0]
 
     def step_evaluate(self):
+        self.needs_data()
         weights = self.weights()
         code, _out, err = self.python(
             "evaluate-tta",
@@ -290,6 +297,7 @@ class Check:
         return f"mIoU {fmt(metrics['val'].get('mIoU'))}, flip {tta.get('flip')}, scales {tta.get('scales')}"
 
     def step_export(self):
+        self.needs_data()
         weights, folder = self.weights(), self.out / "export"
         voc = self.data / "VOCdevkit" / "VOC2012"
         ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:3]

@@ -68,17 +68,22 @@ def test_tiny_check_runs_every_step(tmp_path):
 @pytest.mark.slow
 def test_a_failing_step_fails_the_check(tmp_path):
     # An override the configs do not know, appended to the step's own: the preflight stops with its one-line error.
-    proc = gpu_check("--tiny", "--out", str(tmp_path), "--only", "preflight-voc", overrides="num_epochz=1")
+    only = ("--only", "data", "preflight-voc")
+    proc = gpu_check("--tiny", "--out", str(tmp_path), *only, overrides="num_epochz=1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    status, _, figure = table(proc)["preflight-voc"]
+    rows = table(proc)
+    assert rows["data"][0] == "ok"
+    status, _, figure = rows["preflight-voc"]
     assert status == "FAILED" and "unknown key 'num_epochz'" in figure and "preflight-voc.log" in figure
-    assert "1 of 1 steps did not pass (preflight-voc)" in proc.stdout
+    assert "1 of 2 steps did not pass (preflight-voc)" in proc.stdout
 
 
 def test_a_step_without_its_input_fails_the_check(tmp_path):
     proc = gpu_check("--tiny", "--out", str(tmp_path), "--only", "evaluate-tta")
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert table(proc) == {"evaluate-tta": ("skipped", pytest.approx(0, abs=0.1), "no weights from training")}
+    assert table(proc) == {
+        "evaluate-tta": ("skipped", pytest.approx(0, abs=0.1), "no data: the data step did not run or failed")
+    }
     # A second check never continues an earlier one's run: it wants a folder of its own.
     (tmp_path / "logs").mkdir()
     again = gpu_check("--tiny", "--out", str(tmp_path), "--only", "evaluate-tta")
