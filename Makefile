@@ -1,5 +1,6 @@
 # make install: create/update .venv | make test: the self-contained suite | make demo: synthetic data + quickstart
 # make test-server: the online suite against the ClearML server named by CLEARML_CONFIG_FILE or CLEARML_API_*
+# make gpu-check: the GPU path end to end on one GPU (about 10 min); says "not measured" without a GPU
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ DEMO_DATA := data/synthetic
 # Where the demo's run folder goes (shell syntax: expanded by each recipe line).
 DEMO_OUT := $${CLEARML_OUTPUT_PATH:-$(CURDIR)/output/clearml}
 
-.PHONY: install install-test lint format test test-slurm test-server demo bench clean
+.PHONY: install install-test lint format test test-slurm test-server demo bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +63,12 @@ demo: install $(DEMO_DATA)/VOCdevkit
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# Preflights of both baselines, bf16 training resumed under fp16, evaluation with TTA, export, benchmarks/gpu.py,
+# on synthetic data at VOC's image size; one table, exit 1 on any failure (docs/development.md#gpu-check).
+# GPU_CHECK_ARGS=--tiny runs the same steps on the CPU at tiny sizes (tests/test_gpu_check.py).
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf output $(DEMO_DATA)

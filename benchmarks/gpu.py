@@ -14,8 +14,10 @@ Variants:
   bf16_channels_last    bf16_cudnn_benchmark with the model and the batches in channels_last
   bf16_compile          bf16_channels_last + torch.compile(model)
 The switches are the config's: amp, cudnn_benchmark, channels_last, compile_model.
-FLOPs of one step are counted once with torch.utils.flop_counter.FlopCounterMode; MFU = achieved FLOP/s /
-the GPU's dense bf16 tensor-core peak (table below, or --peak-tflops), for every variant alike.
+FLOPs of one step are counted once with torch.utils.flop_counter.FlopCounterMode on the meta device (shapes
+only: the count is the same as on a CPU or a GPU, and the parent process never allocates GPU memory, so each
+measuring child has the whole device); MFU = achieved FLOP/s / the GPU's dense bf16 tensor-core peak (table
+below, or --peak-tflops), for every variant alike. Each variant runs in a child process of its own.
 
 Without CUDA it prints one JSON line with "measured": false and the command to run on a GPU machine.
 """
@@ -64,14 +66,19 @@ def parse_args(argv=None):
     return args
 
 
+def new_model(args):
+    from vocseg.models import deeplabv3
+
+    return deeplabv3(args.model, num_classes=21, aux_loss=True, pretrained_backbone=False)
+
+
 def build(args, device, variant):
     import torch
 
     from vocseg.losses import DeepLabLoss
-    from vocseg.models import deeplabv3
 
     torch.manual_seed(0)
-    model = deeplabv3(args.model, num_classes=21, aux_loss=True, pretrained_backbone=False).to(device)
+    model = new_model(args).to(device)
     channels_last = variant in ("bf16_channels_last", "bf16_compile")
     torch.backends.cudnn.benchmark = channels_last or variant == "bf16_cudnn_benchmark"
     if channels_last:
@@ -104,17 +111,28 @@ def build(args, device, variant):
     return step
 
 
-def count_flops(args, device) -> float:
-    """FLOPs of one fp32 training step (forward + backward) of the whole batch."""
+def count_flops(args, device="meta") -> float:
+    """FLOPs of one fp32 training step (forward with the aux head, loss, backward) of the whole batch.
+
+    On the meta device by default: tensors without storage, so nothing is computed or allocated (the counter
+    takes each matmul's and convolution's FLOPs from the shapes). The SGD update is not counted (it is no
+    matmul or convolution) for the meta count and the real one alike."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    step = build(args, device, "fp32")
+    from vocseg.losses import DeepLabLoss
+
+    device = torch.device(device)
+    with torch.device(device):
+        model = new_model(args)
+        images = torch.zeros(args.batch_size, 3, args.crop_size, args.crop_size, dtype=torch.uint8)
+        masks = torch.zeros(args.batch_size, args.crop_size, args.crop_size, dtype=torch.long)
+        mean = torch.tensor([123.7, 116.3, 103.5]).view(1, 3, 1, 1)
+        std = torch.tensor([58.4, 57.1, 57.4]).view(1, 3, 1, 1)
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        loss = DeepLabLoss(aux_weight=0.4)(model((images.float() - mean) / std), masks)
+        loss.backward()
     return float(counter.get_total_flops())
 
 
@@ -122,6 +140,8 @@ def measure(args, variant) -> dict:
     import torch
 
     device = torch.device(args.device)
+    # What the device has free before this child allocates anything: the parent holds none of it.
+    free_at_start, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (None, None)
     step = build(args, device, variant)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
@@ -136,12 +156,16 @@ def measure(args, variant) -> dict:
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise SystemExit(f"{variant}: loss is not finite")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {
-        "images_per_s": args.steps * args.batch_size / seconds,
-        "step_s": seconds / args.steps,
-        "peak_memory_gib": peak,
-    }
+    result = {"images_per_s": args.steps * args.batch_size / seconds, "step_s": seconds / args.steps}
+    if device.type == "cuda":
+        result.update(
+            gpu=torch.cuda.get_device_name(device),
+            device_free_gib_at_start=free_at_start / 2**30,
+            device_total_gib=total / 2**30,
+            peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+            peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+        )
+    return result
 
 
 def peak_tflops(name: str, override):
@@ -170,7 +194,8 @@ def main(argv=None):
                 "model": args.model,
                 "crop_size": args.crop_size,
                 "batch_size": args.batch_size,
-                "flops_per_step": count_flops(args, torch.device("cpu")),
+                "flops_per_step": count_flops(args),
+                "flops_per_step_counted_on_cpu": count_flops(args, "cpu"),  # the meta count's cross-check
                 **measure(args, "fp32"),
             }
         C.emit(
@@ -186,10 +211,10 @@ def main(argv=None):
         )
         return
 
-    name = torch.cuda.get_device_name(0)
-    flops = count_flops(args, torch.device("cuda"))
-    peak = peak_tflops(name, args.peak_tflops)
-    results = {}
+    # Nothing below touches the GPU in this process: the FLOPs are counted on the meta device and every
+    # variant is measured in a child of its own, which finds the whole device free.
+    flops = count_flops(args)
+    results, name = {}, None
     for variant in args.variants:
         cmd = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--variant", variant]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -197,10 +222,16 @@ def main(argv=None):
             results[variant] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
         else:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            name = name or r.get("gpu")
+            results[variant] = r
+        C.note(f"{variant}: {results[variant]}")
+    peak = peak_tflops(name or "", args.peak_tflops)
+    for r in results.values():
+        if "step_s" in r:
             achieved = flops / r["step_s"] / 1e12
             r.update(achieved_tflops=achieved, mfu=achieved / peak if peak else None)
-            results[variant] = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
-        C.note(f"{variant}: {results[variant]}")
+            r.pop("gpu", None)
+            r.update({k: round(v, 4) for k, v in r.items() if isinstance(v, float)})
     C.emit(
         "gpu",
         {
@@ -209,6 +240,7 @@ def main(argv=None):
             "peak_bf16_tflops": peak,
             "flops_per_step": flops,
             "flops_per_image": flops / args.batch_size,
+            "flops_counted_on": "meta device (no GPU memory in the parent)",
             "variants": results,
             "settings": {
                 "model": args.model,

@@ -44,6 +44,8 @@ def test_gpu_says_not_measured_without_cuda():
         assert result["command"] == "python benchmarks/gpu.py"
         smoke = result["cpu_smoke_test"]
         assert smoke["flops_per_step"] > 0 and smoke["images_per_s"] > 0
+        # Counted on the meta device (no memory anywhere): the same count as on real CPU tensors.
+        assert smoke["flops_per_step"] == smoke["flops_per_step_counted_on_cpu"]
     else:
         assert {"fp32", "bf16_amp"} <= set(result["variants"])
 

@@ -102,7 +102,7 @@ class DevicePlan:
             where += f" ({self.gpu.name}, compute capability {cap})"
         group = "one process" if self.world_size == 1 else f"{self.world_size} processes, {self.backend}"
         model = "DDP" + (" + SyncBN" if self.sync_bn else "") if self.ddp else "bare model"
-        parts = [where, group, model, self.precision]
+        parts = [where, group, model, f"precision {self.precision}"]
         if self.pin_memory:
             parts.append("pinned host memory")
         if self.hide_cuda:
