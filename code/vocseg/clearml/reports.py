@@ -213,7 +213,7 @@ class ClearMLTracker:
         return True
 
     def _stop_status(self, error) -> tuple:
-        """The status ClearML's exit hook would have given the task, and why."""
+        """The status of a task whose run stopped early, and why: stopped on a signal, failed on a NaN or an error."""
         if self.stopped_by:
             return "stopped", f"{self.stopped_by}: stopped at iteration {self.trainer.state.iteration}"
         if self.trainer.state.nan_iteration is not None:
