@@ -30,8 +30,8 @@ class CheckpointUploads:
     newer offer replaces it: only the latest one matters for continuing.
     """
 
-    def __init__(self, task, staging: Path):
-        self.task, self.staging = task, Path(staging)
+    def __init__(self, task, staging: Path, journal=None):
+        self.task, self.staging, self.journal = task, Path(staging), journal
         self.uploaded: str | None = None  # file name of the checkpoint the task holds now
         self.failures = 0
         self._pending, self._busy, self._closed = None, False, False
@@ -81,7 +81,10 @@ class CheckpointUploads:
     def _upload(self, link: Path, iteration: int) -> None:
         previous = self.task.artifacts.get(ARTIFACT)
         started = time.monotonic()
+        mark = self.journal.mark() if self.journal is not None else None
         self.task.flush(wait_for_uploads=True)  # the curves up to this checkpoint reach the server first
+        if mark is not None:
+            self.journal.confirm(mark)  # the server holds every scalar reported before the flush
         ok = self.task.upload_artifact(
             ARTIFACT, artifact_object=link, metadata={"iteration": iteration}, wait_on_upload=True
         )

@@ -76,6 +76,13 @@ class ServerWatch:
         return not failed
 
 
+def abandon_task_exit(task) -> None:
+    """Keeps ClearML's exit hook from closing ``task`` at exit: with the server away it would wait on it without
+    end (what it would send is kept in the run folder instead, see ``pending``). The hook returns at once for a
+    task whose shutdown has begun; the SDK has no public way to say so."""
+    task._at_exit_called = True
+
+
 def abandon_sdk_exit_waits() -> None:
     """Lets the process exit while the SDK's background threads (reporter, console log) still wait on the server:
     its exit hooks and logging's shutdown would join them without a time limit. Those threads are daemons, so

@@ -6,8 +6,9 @@ import warnings
 
 from ignite.engine import Events
 
+from vocseg.clearml import pending
 from vocseg.clearml.checkpoints import CheckpointUploads, fetch_checkpoint
-from vocseg.clearml.outage import ANSWER_S, CLOSE_S, ServerWatch, abandon_sdk_exit_waits
+from vocseg.clearml.outage import ANSWER_S, CLOSE_S, ServerWatch, abandon_sdk_exit_waits, abandon_task_exit
 from vocseg.clearml.session import (
     SECTION,
     TASK_FILE,
@@ -65,6 +66,11 @@ class ClearMLTracker:
             # Ignite's word for offline mode, which choose_offline() has already announced.
             warnings.filterwarnings("ignore", message=".*running in bypass mode")
             self.clearml = ClearMLLogger()  # adopts the current task
+        self.journal = None
+        if not task.is_offline():
+            # What the server may not hold yet, kept in the run folder if it does not answer at the end.
+            self.journal = pending.Journal()
+            self.clearml.clearml_logger = pending.JournaledLogger(self.clearml.clearml_logger, self.journal)
         every = Events.ITERATION_COMPLETED(every=int(config.get("log_every_iters", 10)))
         self.clearml.attach_output_handler(
             trainer, every, tag="train", output_transform=lambda o: {"batch_loss": float(o["batch_loss"])}
@@ -84,13 +90,17 @@ class ClearMLTracker:
         self.names = class_names(int(config.get("num_classes", len(VOC_CLASSES))))
         self.val_interval = int(config.get("val_interval", 1))
         trainer.add_event_handler(Events.STARTED, self._number_images_on)
+        self.model_name = f"{task.name} best"
         self.model_entry = OutputModel(
             task=task,
-            name=f"{task.name} best",
+            name=self.model_name,
             framework="PyTorch",
             label_enumeration={n: i for i, n in enumerate(self.names)},
         )
-        self.registered = None
+        self.registered = None  # the best model the task holds (set once its registration returned)
+        self.stopped_by = ""  # the stop signal a run honoured (set by train() before close)
+        self.best_epochs = {}  # best model file -> the epoch whose validation saved it
+        self.summary_image = None  # (title, series, iteration, file) of summary.png, once reported
         self.watch = None if task.is_offline() else ServerWatch(task, _api_host())
         if not task.is_offline():
             # A rerun in this folder (a requeued job, a restarted group) continues this task.
@@ -98,7 +108,7 @@ class ClearMLTracker:
             if checkpointer is not None:
                 # Registered after the checkpoint and scalar handlers of the same events: the file exists and
                 # the scalars of its iteration are queued when it is offered.
-                self.uploads = CheckpointUploads(task, output_dir / ".clearml_upload")
+                self.uploads = CheckpointUploads(task, output_dir / ".clearml_upload", journal=self.journal)
                 for event in (Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED, Events.COMPLETED):
                     trainer.add_event_handler(event, self._offer_checkpoint)
 
@@ -131,6 +141,8 @@ class ClearMLTracker:
 
     def _after_validation(self, evaluator) -> None:
         epoch = self.trainer.state.epoch
+        if self.best.last_checkpoint and self.best.last_checkpoint not in self.best_epochs:
+            self.best_epochs[self.best.last_checkpoint] = epoch
         grid = getattr(evaluator.state, "grid", None)
         if grid is not None:
             self.clearml.report_image(*GRID, iteration=epoch, image=grid)
@@ -143,7 +155,6 @@ class ClearMLTracker:
         latest = self.best.last_checkpoint
         if not latest or latest == self.registered or not (self.output_dir / "best" / latest).is_file():
             return  # (a resumed record may name a best model left on another machine)
-        self.registered = latest
         path, epoch = str(self.output_dir / "best" / latest), self.trainer.state.epoch
         if self.task.is_offline():
             # clearml 2.1.12's update_weights() fails offline before reaching its own offline branch
@@ -151,6 +162,7 @@ class ClearMLTracker:
             self.model_entry._update_weights_offline(weights_filename=path, iteration=epoch)
         else:
             self.model_entry.update_weights(weights_filename=path, iteration=epoch, auto_delete_file=False)
+        self.registered = latest
 
     def close(self) -> None:
         if self.task.is_offline():
@@ -162,12 +174,14 @@ class ClearMLTracker:
             report_confusion_matrix(self.clearml, cm, self.trainer.state.epoch)
         summary = self.output_dir / "summary.png"
         if summary.is_file():  # written by train() just before
+            self.summary_image = ("summary", "summary.png", self.trainer.state.epoch, summary.name)
             self.clearml.report_image(
                 "summary", "summary.png", iteration=self.trainer.state.epoch, local_path=str(summary)
             )
         self.clearml.flush()
         state = self.trainer.state
-        unfinished = sys.exc_info()[1] is not None or state.nan_iteration is not None or getattr(state, "preempted", "")
+        error = sys.exc_info()[1]
+        unfinished = error is not None or state.nan_iteration is not None or bool(self.stopped_by)
         answers = self.watch is None or self._server_answers()
         if self.uploads is not None:
             # A run that stops before its end leaves its newest checkpoint on the task for whoever continues it.
@@ -177,11 +191,17 @@ class ClearMLTracker:
             # completed.
             if self.task.is_offline():
                 announce_offline_session(self.task.get_offline_mode_folder())
+                return
+            limit = 600.0 if answers else CLOSE_S
+            if not self.watch.call("sending the last reports", lambda: self.task.flush(wait_for_uploads=True), limit):
+                # The exit hook would wait on the server without end: what it would send is kept instead.
+                self._keep_what_is_missing(self._stop_status(error), left="left open by a run that stopped early")
+                abandon_task_exit(self.task)
             return
         if self.watch is None:
             finish(self.task)
         elif not self.watch.call("closing the task", lambda: finish(self.task), 600.0 if answers else CLOSE_S, True):
-            self._say_what_is_missing()
+            self._keep_what_is_missing(("completed", None), left="left unclosed")
 
     def _server_answers(self) -> bool:
         """Whether the server answers at the end of the run: no call is still waiting on it and it answers a
@@ -192,17 +212,71 @@ class ClearMLTracker:
             self.watch.call(f"best model {self.best.last_checkpoint}", self._register_best)
         return True
 
-    def _say_what_is_missing(self) -> None:
-        missing = ["reports since it stopped answering"]
-        if self.best.last_checkpoint and self.registered != self.best.last_checkpoint:
-            missing.insert(0, f"best model {self.best.last_checkpoint}")
+    def _stop_status(self, error) -> tuple:
+        """The status of a task whose run stopped early, and why: stopped on a signal, failed on a NaN or an error."""
+        if self.stopped_by:
+            return "stopped", f"{self.stopped_by}: stopped at iteration {self.trainer.state.iteration}"
+        if self.trainer.state.nan_iteration is not None:
+            return "failed", f"NaN loss at iteration {self.trainer.state.nan_iteration}"
+        if isinstance(error, KeyboardInterrupt) or getattr(error, "signum", None) in (2, 15):
+            return "stopped", f"interrupted at iteration {self.trainer.state.iteration}"
+        return "failed", f"{type(error).__name__} at iteration {self.trainer.state.iteration}"
+
+    def _pending_record(self, status: tuple) -> dict:
+        """Everything the server may lack: the journaled scalars, the end's images and matrix, the best model
+        unless registered, the newest checkpoint of a run stopped early unless uploaded, the status."""
+        epoch = self.trainer.state.epoch
+        record = {"task_id": self.task.id, "server": self.watch.host, "status": status[0], "status_message": status[1]}
+        record["scalars"] = self.journal.entries()
+        if self.summary_image:
+            title, series, iteration, file = self.summary_image
+            record["images"] = [{"title": title, "series": series, "iteration": iteration, "file": file}]
+        cm = self.evaluators["val"].state.metrics.get("cm")
+        if cm is not None:
+            cm = cm.double()
+            matrix = (cm / cm.sum(1, keepdim=True).clamp(min=1)).tolist()
+            record["confusion_matrix"] = {"matrix": matrix, "labels": class_names(len(matrix)), "iteration": epoch}
+        best = self.best.last_checkpoint
+        if best and best != self.registered and (self.output_dir / "best" / best).is_file():
+            labels = {n: i for i, n in enumerate(self.names)}
+            record["best_model"] = {
+                "file": self._in_folder("best", best),
+                "iteration": self.best_epochs.get(best, epoch),
+                "name": self.model_name,
+                "labels": labels,
+            }
+        latest = self.checkpointer.last_checkpoint if self.checkpointer is not None else None
+        if status[0] != "completed" and latest and self.uploads is not None and self.uploads.uploaded != latest:
+            record["checkpoint"] = {
+                "file": self._in_folder("checkpoints", latest),
+                "iteration": self.trainer.state.iteration,
+            }
+        return record
+
+    def _in_folder(self, *parts) -> str:
+        """A file of the run folder as the pending record names it: relative to the folder when inside it."""
+        path = self.output_dir.joinpath(*parts)
+        return path.relative_to(self.output_dir).as_posix() if path.is_relative_to(self.output_dir) else str(path)
+
+    def _keep_what_is_missing(self, status: tuple, left: str) -> None:
+        """One line: the task was left without its end, what it lacks, and where that is kept for later."""
+        record = self._pending_record(status)
+        what = pending.describe(record)
+        try:
+            kept = pending.keep(self.output_dir, record)
+            how = (
+                f"kept in {kept}: send it with `{pending.sync_command(self.output_dir)}` once the server "
+                f"answers (a rerun in this run folder sends it too)"
+            )
+        except OSError as exc:
+            how = f"could not be kept ({exc.strerror or exc}): the run folder {self.output_dir} holds everything"
         log.warning(
-            "ClearML task %s left unclosed: server %s does not answer; not on the server: %s; the run folder %s "
-            "holds everything",
+            "ClearML task %s %s: server %s does not answer; not on the server: %s; %s",
             self.task.id,
+            left,
             self.watch.host,
-            ", ".join(missing),
-            self.output_dir,
+            what,
+            how,
         )
         abandon_sdk_exit_waits()
 

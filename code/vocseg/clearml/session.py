@@ -391,6 +391,11 @@ def prepare(source, output_dir=None):
             # The overrides too, as Config/* values: a clone shows them and can edit them.
             task.connect({**config_constants(config_path), **source.overrides}, name=SECTION)
             set_docker(task, source)
+            if not queue and output_dir:
+                # What an earlier run in this folder could not deliver (its server did not answer at its end).
+                from vocseg.clearml.pending import deliver_on_start
+
+                deliver_on_start(output_dir, task, say)
             if queue:
                 say(f"enqueueing the task in queue {queue!r}; this process exits")
                 task.execute_remotely(queue_name=queue, exit_process=True)

@@ -560,6 +560,11 @@ def record_sources(config_path, script_path, mutations):
     return attach
 
 
+def _close_tracker(run: Run) -> None:
+    run.tracker.stopped_by = run.preempted  # a run stopped on a signal is unfinished: its task is not completed
+    run.tracker.close()
+
+
 def track(tracker_factory, logger):
     """Rank 0 with tracking on: the tracker (ClearML) attaches its own handlers to the engines."""
 
@@ -577,6 +582,6 @@ def track(tracker_factory, logger):
             logger=logger,
             checkpointer=run.checkpointer,
         )
-        run.closers.append(lambda _finished: run.tracker.close())
+        run.closers.append(lambda _finished: _close_tracker(run))
 
     return attach
