@@ -131,10 +131,14 @@ def _close(run: Run, finished: bool) -> None:
 def _raise_if_stopped(run: Run) -> None:
     state, folder = run.trainer.state, run.output_dir / "checkpoints"
     if run.preempted:
-        raise signals.Preempted(
+        message = (
             f"{run.preempted}: stopped at iteration {state.iteration} with checkpoint "
             f"{folder / run.checkpointer.last_checkpoint}; a rerun with the same run folder continues from it"
         )
+        # No rank exits before rank 0 has written the checkpoint and closed the run: a launcher may stop every
+        # rank when the first one exits (srun --kill-on-bad-exit).
+        ranks.wait_for_every_rank("the checkpoint and the end of the run")
+        raise signals.Preempted(message, signals.request_requeue(message, write=idist.get_rank() == 0))
     if state.nan_iteration is not None:
         good = run.checkpointer.last_checkpoint
         raise UserError(
