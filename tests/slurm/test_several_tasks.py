@@ -167,9 +167,11 @@ def free_port():
 
 def test_torchrun_once_per_node_by_srun_trains_like_the_slurm_launch(one_node, synthetic_voc, tmp_path):
     two_nodes()
-    # One torchrun per node (srun -N2 --ntasks-per-node=1), a c10d rendezvous on the job's first node.
+    # One torchrun per node (srun -N2 --ntasks-per-node=1), a c10d rendezvous on the job's first node. The first
+    # node joins last, so the rendezvous gives rank 0 to the other node: torchrun's ranks are not SLURM's.
     torchrun = (
-        f'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1); exec "{sys.executable}" '
+        'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1); [ "$SLURM_NODEID" = 0 ] && sleep 3; '
+        f'exec "{sys.executable}" '
         f"-m torch.distributed.run --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d "
         f'--rdzv_endpoint="$first:{free_port()}" --rdzv_id="$SLURM_JOB_ID" --rdzv_conf=join_timeout=60 '
         + " ".join(TRAIN[1:])
@@ -179,6 +181,7 @@ def test_torchrun_once_per_node_by_srun_trains_like_the_slurm_launch(one_node, s
     run_dir, result = metrics(tmp_path)
     reference_dir, reference, _ = one_node
     assert "world size 2" in proc.stderr and result["iteration"] == TOTAL
+    assert run_dir.name.startswith("slurm-")  # named after the job still
     assert result["val"]["mIoU"] == reference["val"]["mIoU"]
     assert same_weights(final_weights(tmp_path), final_weights(reference_dir))
     assert [p.name for p in (tmp_path / "tiny").iterdir()] == [run_dir.name]

@@ -94,24 +94,40 @@ def parallel_context(nproc: int = 1, on_gpu: bool = False, timeout_s: float | No
     timeout = process_group_timeout(backend, timeout_s)
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         _announce(backend, int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1), timeout)
-    store = _restarted_group_store(timeout)
-    if store is None:
-        idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
-    else:  # ignite adopts a process group that exists (idist syncs from the context)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group(
-            backend,
-            store=store,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            **({"timeout": timeout} if timeout else {}),
-        )
+    with _torchrun_ranks_over_slurms():
+        store = _restarted_group_store(timeout)
+        if store is None:
+            idist.initialize(backend, **({"timeout": timeout} if timeout else {}))
+        else:  # ignite adopts a process group that exists (idist syncs from the context)
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            torch.distributed.init_process_group(
+                backend,
+                store=store,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                **({"timeout": timeout} if timeout else {}),
+            )
+        idist.sync()  # ignite reads the ranks now, while SLURM's are hidden
     try:
         with idist.Parallel() as parallel:
             yield parallel
     finally:
         idist.finalize()
+
+
+@contextlib.contextmanager
+def _torchrun_ranks_over_slurms():
+    """torchrun started by srun (one per node): ignite takes SLURM_PROCID/SLURM_LOCALID for the ranks whenever
+    SLURM_JOB_ID is set, and on several nodes refuses torchrun's RANK where they differ, which they do: the c10d
+    rendezvous numbers the nodes in any order, and torchrun's processes on a node share one SLURM task. While the
+    process group is set up, ignite does not see the job id (the run keeps its name, slurm-<job id>)."""
+    job = os.environ.pop("SLURM_JOB_ID", None) if "TORCHELASTIC_RUN_ID" in os.environ else None
+    try:
+        yield
+    finally:
+        if job is not None:
+            os.environ["SLURM_JOB_ID"] = job
 
 
 def _announce(backend: str, world_size: int, timeout) -> None:
