@@ -41,7 +41,8 @@ format: install-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The SLURM suite, against the cluster sinfo reaches (.ci/run starts ../shared/slurm-local).
+# The SLURM suite, against the cluster sinfo reaches; its several-node tests need two nodes (.ci/run starts
+# ../shared/slurm-local with SLURM_LOCAL_NODES=2). About 10 min on 2 cores.
 test-slurm: install-test
 	$(BIN)/python -m pytest -ra tests/slurm $(PYTEST_ARGS)
 

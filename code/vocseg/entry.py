@@ -110,7 +110,7 @@ def _exit_codes():
         exit_with(exc)
     except signals.Preempted as exc:
         print(f"stopped: {exc}", file=sys.stderr, flush=True)
-        sys.exit(signals.PREEMPTED_EXIT)
+        sys.exit(exc.exit_code)  # 75, or 0 where the launcher took the requeue request (signals.request_requeue)
     except signals.Interrupted as exc:
         exit_with(exc, 128 + exc.signum)  # the shell's convention: 143 after SIGTERM, 130 after Ctrl-C
 

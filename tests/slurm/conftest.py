@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 HOW = (
-    'start a cluster first: `eval "$(../shared/slurm-local/slurm-local start /tmp/slurm)"` (a throwaway '
-    "one-node cluster on this machine), or run on a machine where `sinfo` reaches yours"
+    'start a cluster first: `eval "$(SLURM_LOCAL_NODES=2 ../shared/slurm-local/slurm-local start /tmp/slurm)"` '
+    "(a throwaway two-node cluster on this machine), or run on a machine where `sinfo` reaches yours"
 )
 
 

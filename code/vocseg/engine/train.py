@@ -92,9 +92,9 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
             save_checkpoints,
             keep_best_models,
             stop_early,
-            stop_on_preemption_signal,
             validate,
             save_checkpoint_after_validation,
+            stop_on_preemption_signal,  # after validate: a stop at an epoch's end comes after its validation
             log_progress,
             write_tensorboard,
             record_sources(config_path, script_path, mutations),
@@ -129,10 +129,14 @@ def _close(run: Run, finished: bool) -> None:
 def _raise_if_stopped(run: Run) -> None:
     state, folder = run.trainer.state, run.output_dir / "checkpoints"
     if run.preempted:
-        raise signals.Preempted(
+        message = (
             f"{run.preempted}: stopped at iteration {state.iteration} with checkpoint "
             f"{folder / run.checkpointer.last_checkpoint}; a rerun with the same run folder continues from it"
         )
+        # No rank exits before rank 0 has written the checkpoint and closed the run: a launcher may stop every
+        # rank when the first one exits (srun --kill-on-bad-exit).
+        ranks.wait_for_every_rank("the checkpoint and the end of the run")
+        raise signals.Preempted(message, signals.request_requeue(message, write=idist.get_rank() == 0))
     if state.nan_iteration is not None:
         good = run.checkpointer.last_checkpoint
         raise UserError(
@@ -385,29 +389,52 @@ def stop_early(run: Run) -> None:
 
 
 def stop_on_preemption_signal(run: Run) -> None:
-    """A stop signal (SLURM's warning before preemption or the time limit) ends the run at the next iteration
-    boundary where a checkpoint is exact: the COMPLETED checkpoint then saves it.
+    """A stop signal (SLURM's warning before preemption or the time limit) ends the run at the first exact point
+    after it where the ranks agree: an iteration that closes an accumulated step, inside an epoch (the COMPLETED
+    checkpoint saves it), or an epoch's end once its validation is done (train() registers this after
+    ``validate``), so a resumed run loses none.
 
-    Never on an epoch's last iteration: its validation runs first, so a resumed run loses none. Ranks agree
-    through one all_reduce every ``log_every_iters`` iterations (a collective per step would stall GPUs).
+    Several ranks agree through one all_reduce every lcm(accumulation_steps, log_every_iters) iterations (a
+    collective per step would stall GPUs) and after every epoch's validation; one process checks every
+    accumulated step. So a warned run trains at most that period more (plus one validation), whatever the
+    epoch's length: a period that divides the epoch still stops, at an epoch's end.
     """
     signals.catch_preemption_signal()
-    every = math.lcm(run.accumulation_steps, 1 if idist.get_world_size() == 1 else run.log_every)
+    accumulation, several = run.accumulation_steps, idist.get_world_size() > 1
+    every = math.lcm(accumulation, run.log_every if several else 1)
 
-    @run.trainer.on(Events.ITERATION_COMPLETED(every=every))
-    def _stop_if_asked(engine):
+    def agreed_stop(engine) -> str:
         asked = signals.stop_requested()
-        if idist.get_world_size() > 1 and idist.all_reduce(int(bool(asked)), op="MAX"):
+        if several and idist.all_reduce(int(bool(asked)), op="MAX"):  # every rank takes part, asked or not
             asked = asked or "SIGUSR1 on another rank"
-        if asked and engine.state.iteration % engine.state.epoch_length and engine.state.nan_iteration is None:
-            log.warning(
-                "%s received: checkpoint at iteration %d, then exit %d for a requeue",
-                asked,
-                engine.state.iteration,
-                signals.PREEMPTED_EXIT,
-            )
-            run.preempted = asked
-            engine.terminate()
+        # A run already ending (NaN, early stopping: the same on every rank) ends as such, not for a requeue.
+        return "" if engine.should_terminate or engine.state.nan_iteration is not None else asked
+
+    def stop(engine, asked: str) -> None:
+        log.warning(
+            "%s received: checkpoint at iteration %d (epoch %d), then stop for a requeue",
+            asked,
+            engine.state.iteration,
+            engine.state.epoch,
+        )
+        run.preempted = asked
+        engine.terminate()
+
+    @run.trainer.on(Events.ITERATION_COMPLETED(event_filter=lambda e, i: i % every == 0 and i % e.state.epoch_length))
+    def _inside_an_epoch(engine):
+        asked = agreed_stop(engine)
+        if asked:
+            stop(engine, asked)
+
+    def exact_epoch_end(engine, epoch) -> bool:
+        # The last epoch's end is the run's end; an epoch that ends inside an accumulated step is not exact.
+        return epoch < engine.state.max_epochs and engine.state.iteration % accumulation == 0
+
+    @run.trainer.on(Events.EPOCH_COMPLETED(event_filter=exact_epoch_end))
+    def _after_validation(engine):
+        asked = agreed_stop(engine)
+        if asked:
+            stop(engine, asked)
 
 
 def validate(run: Run) -> None:

@@ -76,13 +76,15 @@ def parallel_context(nproc: int = 1, backend: str | None = None, timeout_s: floa
     # The group is started here, not by idist.initialize: ignite would set every rank's CUDA device to its local
     # rank, which is wrong where SLURM gives each task a GPU of its own (seen as device 0), and would touch CUDA
     # in a CPU run. ignite adopts the group (idist syncs from the context).
-    torch.distributed.init_process_group(
-        backend,
-        store=_restarted_group_store(timeout),
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        **({"timeout": timeout} if timeout else {}),
-    )
+    with _torchrun_ranks_over_slurms():
+        torch.distributed.init_process_group(
+            backend,
+            store=_restarted_group_store(timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            **({"timeout": timeout} if timeout else {}),
+        )
+        idist.sync()  # ignite reads the ranks now, while SLURM's are hidden
     try:
         with idist.Parallel() as parallel:
             yield parallel
@@ -92,9 +94,23 @@ def parallel_context(nproc: int = 1, backend: str | None = None, timeout_s: floa
 
 def _rendezvous_from_slurm() -> None:
     """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT of an srun task, as ignite derives them (the
-    first node of the job, a port from the job id), unless a launcher inside the task set them."""
-    if "SLURM_JOB_ID" in os.environ:
+    first node of the job, a port from the job id), unless torchrun inside the task set them."""
+    if "SLURM_JOB_ID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
         os.environ.update({k: str(v) for k, v in _setup_ddp_vars_from_slurm_env(dict(os.environ)).items()})
+
+
+@contextlib.contextmanager
+def _torchrun_ranks_over_slurms():
+    """torchrun started by srun (one per node): ignite takes SLURM_PROCID/SLURM_LOCALID for the ranks whenever
+    SLURM_JOB_ID is set, and torchrun's differ: the c10d rendezvous numbers the nodes in any order, and torchrun's
+    processes on a node share one SLURM task. While ignite adopts the process group, it does not see the job id
+    (the run keeps its name, slurm-<job id>)."""
+    job = os.environ.pop("SLURM_JOB_ID", None) if "TORCHELASTIC_RUN_ID" in os.environ else None
+    try:
+        yield
+    finally:
+        if job is not None:
+            os.environ["SLURM_JOB_ID"] = job
 
 
 def _announce(backend: str, world_size: int, timeout) -> None:

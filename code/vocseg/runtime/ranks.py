@@ -50,3 +50,21 @@ def from_rank_zero(what: str, fn, wait: datetime.timedelta = RANK_ZERO_WAIT):
     if error:
         raise UserError(error)
     return result
+
+
+def wait_for_every_rank(what: str, wait: datetime.timedelta = RANK_ZERO_WAIT) -> None:
+    """Returns once every rank got here (a barrier), so that no rank exits while another still works on ``what``
+    (a launcher may stop all of them when the first one exits). Waits up to ``wait``, not the collective
+    timeout: rank 0 may be uploading a checkpoint meanwhile."""
+    if idist.get_world_size() == 1:
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=wait)
+    try:
+        torch.distributed.barrier(group=group)
+    except RuntimeError as exc:  # DistBackendError: the wait ran out, or a process is gone
+        raise UserError(
+            f"rank {idist.get_rank()}: the other ranks did not finish {what} within {wait.total_seconds():g} s "
+            f"({one_line(exc)[:200]})"
+        ) from None
+    finally:
+        torch.distributed.destroy_process_group(group)

@@ -1,6 +1,7 @@
 """Signals: SIGTERM/Ctrl-C end a run with a message, SIGUSR1 asks for a checkpoint and a requeue."""
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -52,14 +53,24 @@ def uninterrupted():
             raise Interrupted(signum)
 
 
-# What a scheduler's warning signal asks for: a checkpoint at the next iteration boundary, then exit with
-# PREEMPTED_EXIT so that the launcher requeues the run (experiments/slurm/train.sbatch does).
+# What a scheduler's warning signal asks for: a checkpoint at the next exact point, then an exit that makes the
+# launcher requeue the run: PREEMPTED_EXIT, or 0 and a request file where the launcher names one (below).
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"
+# A launcher that runs several processes and stops them all when one fails (srun --kill-on-bad-exit) cannot take
+# a non-zero exit as "requeue me": the first rank to exit would take down rank 0 while it still writes. Such a
+# launcher (experiments/slurm/train.sbatch) names a file here; a run that stopped for a requeue then has rank 0
+# write it once every rank is done, and every rank exits 0.
+REQUEUE_FILE_ENV = "VOCSEG_REQUEUE_FILE"
 _requested_stop = []
 
 
 class Preempted(Exception):
-    """The run stopped on request after saving a checkpoint it can continue from."""
+    """The run stopped on request after saving a checkpoint it can continue from; ``exit_code`` is what the
+    process exits with (requeue_exit_code)."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def catch_preemption_signal(signum=signal.SIGUSR1) -> None:
@@ -71,3 +82,18 @@ def catch_preemption_signal(signum=signal.SIGUSR1) -> None:
 def stop_requested() -> str:
     """The name of the signal that asked this process to stop, or ''."""
     return _requested_stop[0] if _requested_stop else ""
+
+
+def request_requeue(message: str, write: bool) -> int:
+    """The exit code of a process that stopped for a requeue, once every rank has stopped: 0 when the launcher
+    named a request file in VOCSEG_REQUEUE_FILE (``write``: this process, rank 0, writes ``message`` there,
+    atomically), else PREEMPTED_EXIT."""
+    path = os.environ.get(REQUEUE_FILE_ENV)
+    if not path:
+        return PREEMPTED_EXIT
+    if write:
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w") as f:
+            f.write(message + "\n")
+        os.replace(partial, path)
+    return 0
