@@ -327,3 +327,15 @@ def test_more_processes_than_gpus_is_one_line_before_any_process_group(synthetic
     ours = proc.stderr.split("torch/distributed/elastic/multiprocessing/api.py")[0]
     assert "Traceback" not in ours and "process group" not in proc.stderr
     assert not (tmp_path / "tiny").exists()
+
+
+def test_no_module_but_the_plan_asks_cuda_or_ignite_where_to_put_things():
+    asks = ("torch.cuda", "idist.device", "auto_model", "DataParallel", "set_device", "torch.backends.mps")
+    found = [
+        f"{path.relative_to(REPO)}: {needle}"
+        for path in sorted((REPO / "code").rglob("*.py"))
+        if path.name != "device_plan.py"
+        for needle in asks
+        if needle in path.read_text()
+    ]
+    assert not found
