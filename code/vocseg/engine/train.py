@@ -23,7 +23,7 @@ from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from vocseg import outputs
 from vocseg.config import check_trainval
-from vocseg.dataflow import images_scored
+from vocseg.dataflow import check_images_per_process, images_scored
 from vocseg.engine import precision
 from vocseg.engine.checkpoints import (
     RunSettings,
@@ -208,6 +208,7 @@ def _build(config, config_path, seed: int, output_dir) -> Run:
     schedule = _schedule(config, config_path)
     amp_dtype = precision.amp_dtype(config.get("amp", "auto"), device, where=f"config {config_path}")
     sync_bn = _sync_bn(config, device)
+    check_images_per_process(config.train_loader.batch_size, idist.get_world_size(), sync_bn, f"config {config_path}")
     model, channels_last = _gpu_switches(config, device, config.model)
     model = idist.auto_model(model, sync_bn=sync_bn)
     if device.type == "cpu" and idist.get_world_size() == 1:
