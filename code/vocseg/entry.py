@@ -15,7 +15,7 @@ from vocseg.clearml import reports as clearml_reports
 from vocseg.clearml import session as clearml_session
 from vocseg.clearml.clone_edits import clone_source
 from vocseg.config import ConfigSource, config_source, with_overrides
-from vocseg.engine.evaluate import evaluate
+from vocseg.engine.evaluate import evaluate, evaluation_name
 from vocseg.engine.preflight import preflight
 from vocseg.engine.train import train
 from vocseg.errors import UserError, exit_with
@@ -120,13 +120,19 @@ def _evaluate_one_rank(source: ConfigSource) -> None:
     if source.setting("preflight"):
         raise UserError("preflight=True times a training run: use it with code/scripts/training.py")
     outputs.check_output_base()
-    factory = None
-    if clearml_session.enabled() and idist.get_rank() == 0:
-        task = clearml_session.init_task(source.config_path, "testing", source.script_path)
-        factory = functools.partial(clearml_reports.EvaluationReport, task)
-    evaluate(
-        source.config_path,
-        mutations=source.all_mutations() or None,
-        tracker_factory=factory,
-        run_name=source.setting("run_name"),
-    )
+    output_dir = outputs.run_dir(source.config_path, evaluation_name(source.setting("run_name")))
+    folder_lock.hold_run_folder(output_dir)  # two evaluations under one RUN_NAME would write one folder at once
+    try:
+        factory = None
+        if clearml_session.enabled() and idist.get_rank() == 0:
+            task = clearml_session.init_task(source.config_path, "testing", source.script_path)
+            factory = functools.partial(clearml_reports.EvaluationReport, task)
+        evaluate(
+            source.config_path,
+            mutations=source.all_mutations() or None,
+            tracker_factory=factory,
+            output_dir=output_dir,
+        )
+    except UserError:
+        folder_lock.release_if_unused(output_dir)  # bad input leaves no folder behind
+        raise

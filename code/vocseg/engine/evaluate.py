@@ -28,8 +28,14 @@ def _save_predictions(evaluator, folder: Path) -> None:
         save_palette_png(folder / f"{image_id}.png", pred[:h, :w])
 
 
-def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -> dict:
-    """Scores the config's weights on its data_loader; rank 0 writes metrics.json. Returns the results."""
+def evaluation_name(run_name=None) -> str:
+    """eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job."""
+    return f"eval-{outputs.run_name(run_name)}"
+
+
+def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None, output_dir=None) -> dict:
+    """Scores the config's weights on its data_loader; rank 0 writes metrics.json. Returns the results.
+    ``output_dir``: the evaluation's folder (default: ``outputs.run_dir`` of ``evaluation_name(run_name)``)."""
     weights = {}
     config, _seed, output_dir, logger = prepare(
         config_path,
@@ -39,8 +45,8 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
         check_inference,
         # Before the schema check, whose "missing weights_path" would not say what to set.
         first=lambda loaded: weights.update(path=resolve_weights(loaded.get("weights_path"))),
-        # eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job.
-        name=f"eval-{outputs.run_name(run_name)}",
+        output_dir=output_dir,
+        name=evaluation_name(run_name),
     )
     device = machine.choose_device(config.device, where=f"config {config_path}")
     evaluator, amp_dtype, tta = _evaluator(config, config_path, weights["path"], device)
