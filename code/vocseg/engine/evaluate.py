@@ -16,7 +16,7 @@ from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator
 from vocseg.models import model_for
-from vocseg.runtime import machine
+from vocseg.runtime import faults, machine
 
 log = logging.getLogger("vocseg")
 
@@ -60,6 +60,13 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None, o
         tuple(tta["scales"]),
         output_dir,
     )
+    loader = config.data_loader
+    with faults.evaluation_in_one_line(output_dir, config.get("num_workers", loader.num_workers), loader.batch_size):
+        return _score(config, evaluator, tta, output_dir, tracker_factory, logger)
+
+
+def _score(config, evaluator, tta, output_dir, tracker_factory, logger) -> dict:
+    """Runs the evaluator (predictions saved as it goes); rank 0 writes metrics.json."""
     if config.get("save_predictions", False):
         folder = output_dir / "predictions"
         folder.mkdir(exist_ok=True)
