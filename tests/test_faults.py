@@ -310,6 +310,3 @@ def test_two_evaluations_under_one_run_name_never_share_their_folder(synthetic_v
     finally:
         first.kill()
         first.wait()
-    third = subprocess.run(EVALUATE, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert (folder / "metrics.json").is_file()  # the folder is free again once the first is gone
