@@ -68,10 +68,9 @@ def tmpfs(tmp_path):
 def full_disk(tmpfs):
     """A folder on a file system with no byte left (a filler file took them)."""
     folder = tmpfs(4)
-    with open(folder / "filler", "wb") as f, pytest.raises(OSError):
+    with open(folder / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
         while True:
             f.write(b"\0" * MB)
-            f.flush()
     (folder / "run").mkdir()  # a directory entry costs no data block on tmpfs
     return folder / "run"
 
@@ -129,6 +128,26 @@ def test_metrics_tensorboard_and_summary_on_a_full_disk_end_in_one_line(full_dis
     assert str(summary.value).startswith(f"run folder {full_disk}: the disk is full (0 KB free) for summary.png")
     assert f"python -m vocseg.run_summary {full_disk} draws it" in str(summary.value)
     assert "Traceback" not in capfd.readouterr().err  # TensorBoard's thread keeps quiet: the line says it
+
+
+def test_the_log_file_on_a_full_disk_warns_once_without_a_traceback(tmpfs, capfd):
+    from vocseg.runtime.logs import setup_logging
+
+    folder = tmpfs(1)
+    (folder / "training.log").touch()  # the run opened it while there was space
+    logger = setup_logging(folder)
+    with open(folder / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    for i in range(200):
+        logger.info("line %d %s", i, "x" * 100)
+    err = capfd.readouterr().err
+    assert "line 199 " in err  # the console keeps every line
+    assert (
+        err.count(f"vocseg: warning: {folder / 'training.log'}: the disk is full; log lines go to the console only")
+        == 1
+    )
+    assert "Logging error" not in err and "Traceback" not in err
 
 
 def test_evaluation_outputs_on_a_full_disk_end_in_one_line(full_disk):

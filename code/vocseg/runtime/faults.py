@@ -176,11 +176,11 @@ def _explained(exc, explain):
     for _ in range(3):
         try:
             return explain(exc)
-        except RuntimeError as late:
-            if worker_killed(late) is None:
-                raise
+        except Exception as late:
+            if not isinstance(late, RuntimeError) or worker_killed(late) is None:
+                return None  # not understood: the original error is the one to show, with its traceback
             exc = late
-    return explain(exc)
+    return None
 
 
 @contextlib.contextmanager
