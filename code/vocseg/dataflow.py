@@ -204,6 +204,29 @@ def per_process_batch(total: int, name: str) -> int:
     return total // world_size
 
 
+def check_images_per_process(per_process: int | None, world_size: int, sync_bn: bool, where: str) -> None:
+    """Refuses a training batch of one image per process (``per_process``: the train loader's batch size; None,
+    a loader of its own batches, is not checked), before any training work.
+
+    BatchNorm in training needs more than one value per channel, and the ASPP's image pooling has one per image:
+    one image per process fails at the first step. SyncBatchNorm across several processes sees the whole batch,
+    so there a total of two images or more is enough."""
+    if per_process is None:
+        return
+    batch_size = per_process * world_size  # the setting is the total over the processes
+    if per_process >= 2 or (sync_bn and world_size > 1 and batch_size >= 2):
+        return
+    processes = f"{world_size} process" + ("es" if world_size > 1 else "")
+    works = f"set batch_size to {2 * world_size} or more (2+ images per process"
+    works += ", with accumulation_steps for the total you want)" if world_size == 1 else ")"
+    if world_size > 1 and not sync_bn:
+        works += " or, on GPUs, sync_bn=True (BatchNorm then sees the whole batch)"
+    raise UserError(
+        f"{where}: batch_size={batch_size} over {processes} is {per_process} image per process, and BatchNorm cannot "
+        f"train on one image: {works}"
+    )
+
+
 def _full_resolution_loader(raw, indices, batch_size: int, settings: dict, name: str = "val_batch_size"):
     """Unaugmented images at their own size (batches of one size, no padding), each of ``indices`` scored
     exactly once across processes. ``batch_size`` is the total over all processes, like the training one."""

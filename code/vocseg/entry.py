@@ -9,13 +9,14 @@ import functools
 import sys
 
 import ignite.distributed as idist
+import torch.multiprocessing
 
 from vocseg import outputs, settings
 from vocseg.clearml import reports as clearml_reports
 from vocseg.clearml import session as clearml_session
 from vocseg.clearml.clone_edits import clone_source
 from vocseg.config import ConfigSource, config_source, with_overrides
-from vocseg.engine.evaluate import evaluate
+from vocseg.engine.evaluate import evaluate, evaluation_name
 from vocseg.engine.preflight import preflight
 from vocseg.engine.train import train
 from vocseg.errors import UserError, exit_with
@@ -88,11 +89,13 @@ def _device_request(source: ConfigSource, amp_default) -> device_plan.Request:
 
 
 def _one_process(one_rank, request: device_plan.Request, spawned: bool, source: ConfigSource) -> None:
-    if spawned:  # a process that this launch started decides its own plan: its rank picks its GPU
-        device_plan.plan_process(request, spawned_rank=idist.get_local_rank(), spawned=idist.get_world_size())
-    if device_plan.current().device.type == "cpu":
-        machine.tune_cpu_allocator()
-    one_rank(source)
+    # A process this launch started ends with its own one line and exit code; its parent then exits quietly.
+    with _exit_codes() if spawned else contextlib.nullcontext():
+        if spawned:  # it decides its own plan: its rank picks its GPU
+            device_plan.plan_process(request, spawned_rank=idist.get_local_rank(), spawned=idist.get_world_size())
+        if device_plan.current().device.type == "cpu":
+            machine.tune_cpu_allocator()
+        one_rank(source)
 
 
 def _enqueued(source: ConfigSource) -> bool:
@@ -113,6 +116,8 @@ def _exit_codes():
         sys.exit(exc.exit_code)  # 75, or 0 where the launcher took the requeue request (signals.request_requeue)
     except signals.Interrupted as exc:
         exit_with(exc, 128 + exc.signum)  # the shell's convention: 143 after SIGTERM, 130 after Ctrl-C
+    except torch.multiprocessing.ProcessExitedException as exc:
+        sys.exit(exc.exit_code or 1)  # a process this launch started said why in its own line
 
 
 def _train_one_rank(source: ConfigSource) -> None:
@@ -146,13 +151,19 @@ def _evaluate_one_rank(source: ConfigSource) -> None:
     if source.setting("preflight"):
         raise UserError("preflight=True times a training run: use it with code/scripts/training.py")
     outputs.check_output_base()
-    factory = None
-    if clearml_session.enabled() and idist.get_rank() == 0:
-        task = clearml_session.init_task(source.config_path, "testing", source.script_path)
-        factory = functools.partial(clearml_reports.EvaluationReport, task)
-    evaluate(
-        source.config_path,
-        mutations=source.all_mutations() or None,
-        tracker_factory=factory,
-        run_name=source.setting("run_name"),
-    )
+    output_dir = outputs.run_dir(source.config_path, evaluation_name(source.setting("run_name")))
+    folder_lock.hold_run_folder(output_dir)  # two evaluations under one RUN_NAME would write one folder at once
+    try:
+        factory = None
+        if clearml_session.enabled() and idist.get_rank() == 0:
+            task = clearml_session.init_task(source.config_path, "testing", source.script_path)
+            factory = functools.partial(clearml_reports.EvaluationReport, task)
+        evaluate(
+            source.config_path,
+            mutations=source.all_mutations() or None,
+            tracker_factory=factory,
+            output_dir=output_dir,
+        )
+    except UserError:
+        folder_lock.release_if_unused(output_dir)  # bad input leaves no folder behind
+        raise

@@ -294,6 +294,9 @@ def parse_overrides(text: str, config_names) -> dict:
             near = nearest(key, known)
             hint = f"did you mean {near}?" if near else "see docs/configs.md for the settings"
             raise UserError(f"{OVERRIDES_VARIABLE}: unknown key {key!r}: {hint}")
+        if key in overrides:  # the last would win silently: which one was meant is the user's to say
+            first = next(i for i in items if i.partition("=")[0].strip() == key)
+            raise UserError(f"{OVERRIDES_VARIABLE}: {key} is given twice ({first!r} and {item!r}): keep one")
         overrides[key] = parse_value(value)
     check(overrides, OVERRIDES_VARIABLE)
     return overrides

@@ -32,7 +32,16 @@ class SaveThenRemove(DiskSaver):
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         with signals.uninterrupted():
-            super().__call__(checkpoint, filename, metadata)
+            before = set(self.dirname.glob("tmp*"))
+            try:
+                super().__call__(checkpoint, filename, metadata)
+            except BaseException:
+                # Ignite removes its temporary file after a failed write, unless closing it fails too (a full
+                # disk, flushing): a partial file left behind would hold the space that a rerun needs.
+                for partial in set(self.dirname.glob("tmp*")) - before:
+                    with suppress(OSError):
+                        partial.unlink()
+                raise
             for name in self._stale:
                 # Ignite "removes" a file it is about to write again (the last iteration); a resumed run's
                 # best-model record may name files it could not copy over.

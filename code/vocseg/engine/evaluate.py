@@ -15,7 +15,7 @@ from vocseg.engine.metrics import scalar_metrics
 from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator
 from vocseg.models import model_for
-from vocseg.runtime import device_plan
+from vocseg.runtime import device_plan, faults
 
 log = logging.getLogger("vocseg")
 
@@ -27,8 +27,14 @@ def _save_predictions(evaluator, folder: Path) -> None:
         save_palette_png(folder / f"{image_id}.png", pred[:h, :w])
 
 
-def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -> dict:
-    """Scores the config's weights on its data_loader; rank 0 writes metrics.json. Returns the results."""
+def evaluation_name(run_name=None) -> str:
+    """eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job."""
+    return f"eval-{outputs.run_name(run_name)}"
+
+
+def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None, output_dir=None) -> dict:
+    """Scores the config's weights on its data_loader; rank 0 writes metrics.json. Returns the results.
+    ``output_dir``: the evaluation's folder (default: ``outputs.run_dir`` of ``evaluation_name(run_name)``)."""
     weights = {}
     config, _seed, output_dir, logger = prepare(
         config_path,
@@ -38,8 +44,8 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
         check_inference,
         # Before the schema check, whose "missing weights_path" would not say what to set.
         first=lambda loaded: weights.update(path=resolve_weights(loaded.get("weights_path"))),
-        # eval-<name>: never a training run's folder, even under the same RUN_NAME or SLURM job.
-        name=f"eval-{outputs.run_name(run_name)}",
+        output_dir=output_dir,
+        name=evaluation_name(run_name),
     )
     plan = device_plan.current() or device_plan.plan_process(
         device_plan.Request(device=config.get("device"), amp=config.get("amp", "off"), where=f"config {config_path}")
@@ -55,6 +61,13 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None) -
         tuple(tta["scales"]),
         output_dir,
     )
+    loader = config.data_loader
+    with faults.evaluation_in_one_line(output_dir, config.get("num_workers", loader.num_workers), loader.batch_size):
+        return _score(config, evaluator, tta, output_dir, tracker_factory, logger)
+
+
+def _score(config, evaluator, tta, output_dir, tracker_factory, logger) -> dict:
+    """Runs the evaluator (predictions saved as it goes); rank 0 writes metrics.json."""
     if config.get("save_predictions", False):
         folder = output_dir / "predictions"
         folder.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from vocseg import outputs
 from vocseg.config import check_trainval
-from vocseg.dataflow import images_scored
+from vocseg.dataflow import check_images_per_process, images_scored
 from vocseg.engine.checkpoints import (
     RunSettings,
     best_model_checkpointer,
@@ -37,7 +37,7 @@ from vocseg.engine.prepare import prepare
 from vocseg.engine.steps import create_evaluator, create_trainer
 from vocseg.errors import UserError
 from vocseg.models import ARCHITECTURE_FILE, architecture, backbone_source
-from vocseg.runtime import device_plan, ranks, signals
+from vocseg.runtime import device_plan, faults, ranks, signals
 from vocseg.runtime.ranks import ALL_RANKS
 from vocseg.visualize import comparison_grid
 
@@ -84,32 +84,33 @@ def train(config_path, script_path=None, mutations=None, tracker_factory=None, o
     )
     run = _build(config, config_path, seed, output_dir)
     _log_header(run, config_path)
-    # Ignite calls the handlers of an event in this order: the checkpoint at an epoch's end must come after
-    # that epoch's validation (so a resumed run loses none), and the tracker reads what the others set up.
-    register_handlers(
-        run,
-        [
-            save_checkpoints,
-            keep_best_models,
-            stop_early,
-            validate,
-            save_checkpoint_after_validation,
-            stop_on_preemption_signal,  # after validate: a stop at an epoch's end comes after its validation
-            log_progress,
-            write_tensorboard,
-            record_sources(config_path, script_path, mutations),
-            track(tracker_factory, logger),
-        ],
-    )
-    resumed_from = _resume(run, config.get("resume_from"))
-    try:
-        run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
-    except signals.Interrupted as exc:
-        raise _how_to_continue(exc, run, resumed_from) from None
-    finally:
-        _close(run, finished=sys.exc_info()[1] is None)
-    _raise_if_stopped(run)
-    _write_results(run, {"completed": True})
+    with _faults_in_one_line(run):  # from the run's first output file (TensorBoard's) to its last
+        # Ignite calls the handlers of an event in this order: the checkpoint at an epoch's end must come after
+        # that epoch's validation (so a resumed run loses none), and the tracker reads what the others set up.
+        register_handlers(
+            run,
+            [
+                save_checkpoints,
+                keep_best_models,
+                stop_early,
+                validate,
+                save_checkpoint_after_validation,
+                stop_on_preemption_signal,  # after validate: a stop at an epoch's end comes after its validation
+                log_progress,
+                write_tensorboard,
+                record_sources(config_path, script_path, mutations),
+                track(tracker_factory, logger),
+            ],
+        )
+        resumed_from = _resume(run, config.get("resume_from"))
+        try:
+            run.trainer.run(run.train_loader, max_epochs=run.num_epochs)
+        except signals.Interrupted as exc:
+            raise _how_to_continue(exc, run, resumed_from) from None
+        finally:
+            _close(run, finished=sys.exc_info()[1] is None)
+        _raise_if_stopped(run)
+        _write_results(run, {"completed": True})
     logger.info("done: metrics in %s", output_dir / "metrics.json")
     return {**run.results, "output_dir": str(output_dir)}
 
@@ -121,9 +122,16 @@ def register_handlers(run: Run, handlers) -> None:
 
 def _close(run: Run, finished: bool) -> None:
     # TensorBoard first, then the summary plot from its events (a finished run, a NaN stop included, not a
-    # crash), then the tracker, which attaches summary.png.
+    # crash), then the tracker, which attaches summary.png. One that fails (a full disk) leaves the others to
+    # close; its error is the run's.
+    failed = None
     for closer in run.closers:
-        closer(finished)
+        try:
+            closer(finished)
+        except Exception as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
 
 
 def _raise_if_stopped(run: Run) -> None:
@@ -155,6 +163,28 @@ def _how_to_continue(exc, run: Run, resumed_from) -> signals.Interrupted:
             f"{where} before its first checkpoint (every {run.save_every_iters} iterations): rerun to start again",
         )
     return signals.Interrupted(exc.signum, f"{where}; last checkpoint {last}: continue with RESUME_FROM={last}")
+
+
+def _faults_in_one_line(run: Run):
+    """A full disk or a killed DataLoader worker ends the run with one line naming the checkpoint to continue from:
+    the newest that loads in the run folder (what a rerun picks; a checkpoint fetched from ClearML lands there
+    too), else RESUME_FROM's."""
+    folder = run.output_dir / "checkpoints"
+    return faults.told_in_one_line(
+        run.output_dir,
+        checkpoint=lambda: newest_complete_checkpoint(folder) or run.config.get("resume_from"),
+        needed=lambda: faults.checkpoint_bytes(folder, _tensors([run.model.state_dict(), run.optimizer.state_dict()])),
+        num_workers=run.config.get("num_workers", run.train_loader.num_workers),
+        batch_size=run.config.get("batch_size", run.train_loader.batch_size),
+    )
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict | list | tuple):
+        for value in state.values() if isinstance(state, dict) else state:
+            yield from _tensors(value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,6 +242,7 @@ def _build(config, config_path, seed: int, output_dir) -> Run:
     plan = _device_plan(config, config_path)
     device, amp_dtype = plan.device, plan.amp_dtype
     schedule = _schedule(config, config_path)
+    check_images_per_process(config.train_loader.batch_size, plan.world_size, plan.sync_bn, f"config {config_path}")
     model, channels_last = _gpu_switches(config, device, config.model)
     model = device_plan.place_model(model, plan)
     trainer = create_trainer(
@@ -565,6 +596,8 @@ def _write_summary(output_dir) -> None:
     try:
         path = run_summary.write_summary(output_dir)
     except Exception as exc:  # a plot must not fail a run whose weights and metrics are already saved
+        if isinstance(exc, OSError) and exc.errno in faults.DISK_FULL:  # ... but a full disk is said, not warned
+            raise faults.summary_disk_full_error(output_dir) from None
         log.warning("summary.png not written: %s: %s", type(exc).__name__, exc)
         return
     log.info("summary %s | curves: tensorboard --logdir %s", path, output_dir / "tb")
