@@ -133,8 +133,14 @@ def _venv(venv: Path) -> None:
     for entry in real.iterdir():
         if entry.name != "bin":
             (venv / entry.name).symlink_to(entry)
-    appended = f'export CONFIG_OVERRIDES="${{CONFIG_OVERRIDES:+$CONFIG_OVERRIDES }}{TINY}"'
-    shim = f'#!/bin/sh\n{appended}\nexec {real}/bin/python "$@"\n'
+    # A key given twice in CONFIG_OVERRIDES is refused: the block's own values of TINY's keys make way for TINY's.
+    keys = "|".join(item.split("=")[0] for item in TINY.split())
+    merged = (
+        'kept=""\nfor item in $CONFIG_OVERRIDES; do\n'
+        f'    case "${{item%%=*}}" in {keys}) ;; *) kept="$kept $item" ;; esac\n'
+        f'done\nexport CONFIG_OVERRIDES="${{kept# }}${{kept:+ }}{TINY}"'
+    )
+    shim = f'#!/bin/sh\n{merged}\nexec {real}/bin/python "$@"\n'
     for entry in (real / "bin").iterdir():
         made = venv / "bin" / entry.name
         if entry.name in ("python", "python3"):

@@ -62,7 +62,8 @@ def evaluate(config_path, mutations=None, tracker_factory=None, run_name=None, o
         output_dir,
     )
     loader = config.data_loader
-    with faults.evaluation_in_one_line(output_dir, config.get("num_workers", loader.num_workers), loader.batch_size):
+    workers = config.get("num_workers", getattr(loader, "num_workers", None))
+    with faults.evaluation_in_one_line(output_dir, workers, getattr(loader, "batch_size", None)):
         return _score(config, evaluator, tta, output_dir, tracker_factory, logger)
 
 

@@ -174,8 +174,8 @@ def _faults_in_one_line(run: Run):
         run.output_dir,
         checkpoint=lambda: newest_complete_checkpoint(folder) or run.config.get("resume_from"),
         needed=lambda: faults.checkpoint_bytes(folder, _tensors([run.model.state_dict(), run.optimizer.state_dict()])),
-        num_workers=run.config.get("num_workers", run.train_loader.num_workers),
-        batch_size=run.config.get("batch_size", run.train_loader.batch_size),
+        num_workers=run.config.get("num_workers", getattr(run.train_loader, "num_workers", None)),
+        batch_size=run.config.get("batch_size", getattr(run.train_loader, "batch_size", None)),
     )
 
 
