@@ -42,7 +42,8 @@ format: install-test
 	$(BIN)/ruff format .
 
 # The SLURM suite, against the cluster sinfo reaches; its several-node tests need two nodes (.ci/run starts
-# ../shared/slurm-local with SLURM_LOCAL_NODES=2). About 10 min on 2 cores.
+# ../shared/slurm-local with SLURM_LOCAL_NODES=2); it also runs the docs' SLURM and several-node commands
+# (tests/slurm/test_docs_nodes.py, under 2 min). About 7 min on 2 idle cores (measured, docs commands included).
 test-slurm: install-test
 	$(BIN)/python -m pytest -ra tests/slurm $(PYTEST_ARGS)
 

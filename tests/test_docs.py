@@ -15,9 +15,16 @@ A block that cannot run here has, on the line just above its fence::
 
     <!-- not run by tests/test_docs.py: REASON -->
 
-test_every_block_is_run_or_marked lists those blocks with their reasons (``pytest -rA -s`` shows the list).
+A block that needs several SLURM nodes is run instead by tests/slurm/test_docs_nodes.py (``make test-slurm``, on a
+two-node cluster of CPU nodes), with the substitutions that module lists; it has, on the line just above its fence::
+
+    <!-- run by tests/slurm/test_docs_nodes.py on two SLURM nodes: WHAT -->
+
+test_every_block_is_run_or_marked lists the blocks not run here with their reasons or the module that runs them
+(``pytest -rA -s`` shows the list), and checks that module takes each of its blocks.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -35,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^\s*```(bash|sh|shell|console)\s*$")  # indented inside a list item too
 MARKER = re.compile(r"^<!-- not run by tests/test_docs\.py: (.*?) -->$")
+# A block run on two SLURM nodes by the module it names (make test-slurm), not here.
+ELSEWHERE = re.compile(r"^<!-- run by (tests/slurm/\w+\.py) on two SLURM nodes: (.*?) -->$")
 COVERED = re.compile(r"covered by (tests/[\w/]+\.py)::(\w+)")
 # Settings that make every config of this repository train and score for seconds on the CPU.
 TINY = "device=cpu num_epochs=1 batch_size=2 crop_size=64 num_workers=0"
@@ -59,7 +68,8 @@ class Block:
     page: Path
     line: int  # of the opening fence, 1-based
     text: str
-    reason: str | None  # why it is not run; None: it is run
+    reason: str | None  # why it is not run; None: it is run (here, or by ``elsewhere``)
+    elsewhere: str | None = None  # the test module that runs it instead of this one (a path from the root)
 
     def __str__(self):
         return f"{self.page.relative_to(REPO)}:{self.line}"
@@ -79,8 +89,9 @@ def blocks(page: Path) -> list[Block]:
         if fence.group(1) == "console":
             body = [line[2:] for line in body if line.startswith("$ ")]
         above = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        marker = MARKER.match(above.strip())
-        found.append(Block(page, i + 1, "\n".join(body), marker.group(1).strip() if marker else None))
+        marker, elsewhere = MARKER.match(above.strip()), ELSEWHERE.match(above.strip())
+        reason = marker.group(1).strip() if marker else None
+        found.append(Block(page, i + 1, "\n".join(body), reason, elsewhere.group(1) if elsewhere else None))
         i = end + 1
     return found
 
@@ -93,9 +104,26 @@ def test_every_block_is_run_or_marked():
     every = all_blocks()
     assert every, "no shell block found in README.md and docs/*.md"
     marked = [b for b in every if b.reason is not None]
-    print(f"\n{len(every) - len(marked)} shell blocks run, {len(marked)} marked as not run here:")
+    elsewhere = [b for b in every if b.elsewhere is not None]
+    print(
+        f"\n{len(every) - len(marked) - len(elsewhere)} shell blocks run here, {len(elsewhere)} elsewhere, "
+        f"{len(marked)} marked as not run:"
+    )
+    for block in elsewhere:
+        print(f"  {block}: run by {block.elsewhere}")
     for block in marked:
         print(f"  {block}: {block.reason}")
+    # A block run elsewhere must be one that module takes and can turn into its command.
+    for module_path in sorted({b.elsewhere for b in elsewhere}):
+        path = REPO / module_path
+        assert path.is_file(), f"{module_path}: named by a marker, but there is no such file"
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        taken = {str(b) for b in module.BLOCKS}
+        for block in (b for b in elsewhere if b.elsewhere == module_path):
+            assert str(block) in taken, f"{block}: marked as run by {module_path}, which does not take it"
+            module.script(block, port=29400)  # fails on a block its substitutions do not fit
     for block in marked:
         assert block.reason, f"{block}: the marker gives no reason"
         covered = COVERED.search(block.reason)
@@ -110,7 +138,7 @@ def test_every_block_is_run_or_marked():
     for page in PAGES:
         lines = page.read_text().splitlines()
         for n, line in enumerate(lines):
-            if MARKER.match(line.strip()):
+            if MARKER.match(line.strip()) or ELSEWHERE.match(line.strip()):
                 following = next((x for x in lines[n + 1 :] if x.strip()), "")
                 assert FENCE.match(following), f"{page.relative_to(REPO)}:{n + 1}: marker not above a shell block"
 
@@ -177,21 +205,25 @@ def _sandbox(tmp_path: Path, backbone_file: Path) -> tuple[Path, dict]:
     return repo, env
 
 
-RUN = [page for page in PAGES if any(b.reason is None for b in blocks(page))]
+def runs_here(block: Block) -> bool:
+    return block.reason is None and block.elsewhere is None
+
+
+RUN = [page for page in PAGES if any(runs_here(b) for b in blocks(page))]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUN, ids=[str(p.relative_to(REPO)) for p in RUN])
 def test_page_commands_run_as_written(page, tmp_path, backbone_file):
     repo, env = _sandbox(tmp_path, backbone_file)
-    if any(b.reason is None and "make demo" in b.text for b in blocks(page)):
+    if any(runs_here(b) and "make demo" in b.text for b in blocks(page)):
         from vocseg.data.synthetic import make_synthetic_voc
 
         # make demo's own data, small: its target then exists, so the demo trains on 8 images instead of 200.
         make_synthetic_voc(repo / "data" / "synthetic", 8, 4, size=(64, 64), seed=0, n_test=3)
     script = ["set -eo pipefail"]
     for block in blocks(page):
-        if block.reason is None:
+        if runs_here(block):
             script += [f"echo '>>> block {block}' >&2", block.text]
     started = time.monotonic()
     # A session of its own, so that whatever the blocks leave running (or run past the timeout) is killed with it.
