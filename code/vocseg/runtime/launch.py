@@ -7,6 +7,7 @@ itself (N processes on this machine).
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -32,7 +33,13 @@ def _one_rank(local_rank, main, args, spawned: int) -> None:
     if spawned > 1 and "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does for its processes: N processes of all-core torch threads would fight for the cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spawned))
-    main(*args)
+    try:
+        main(*args)
+    finally:
+        # The run's engines, DDP model and their reference cycles die here, before the process group is destroyed,
+        # not at interpreter exit: gloo work that DDP still holds, freed during finalisation, aborts the process
+        # ("terminate called without an active exception"), which srun reports as a failed task.
+        gc.collect()
 
 
 def joins_group() -> bool:
