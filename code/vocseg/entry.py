@@ -127,9 +127,9 @@ def _train_one_rank(source: ConfigSource) -> None:
         preflight(source.config_path, mutations=source.all_mutations() or None)
         return
     output_dir = outputs.run_dir(source.config_path, source.setting("run_name"))
-    if not _enqueued(source):  # an enqueued run trains on an agent, in a folder of its own
-        folder_lock.hold_run_folder(output_dir)  # before ClearML: a second run must not continue the first's task
-    try:
+    # Locked before ClearML (a second run must not continue the first's task), unless the run is enqueued: it
+    # trains on an agent, in a folder of its own.
+    with folder_lock.run_folder(output_dir, hold=not _enqueued(source)):
         tracker_factory = None
         if clearml_session.enabled():
             # ClearML first: the task may enqueue itself. A rerun in a run folder continues that folder's task.
@@ -142,9 +142,6 @@ def _train_one_rank(source: ConfigSource) -> None:
             tracker_factory=tracker_factory,
             output_dir=output_dir,
         )
-    except UserError:
-        folder_lock.release_if_unused(output_dir)  # bad input leaves no folder behind
-        raise
 
 
 def _evaluate_one_rank(source: ConfigSource) -> None:
@@ -152,8 +149,8 @@ def _evaluate_one_rank(source: ConfigSource) -> None:
         raise UserError("preflight=True times a training run: use it with code/scripts/training.py")
     outputs.check_output_base()
     output_dir = outputs.run_dir(source.config_path, evaluation_name(source.setting("run_name")))
-    folder_lock.hold_run_folder(output_dir)  # two evaluations under one RUN_NAME would write one folder at once
-    try:
+    # Locked: two evaluations under one RUN_NAME would write one folder at once.
+    with folder_lock.run_folder(output_dir):
         factory = None
         if clearml_session.enabled() and idist.get_rank() == 0:
             task = clearml_session.init_task(source.config_path, "testing", source.script_path)
@@ -164,6 +161,3 @@ def _evaluate_one_rank(source: ConfigSource) -> None:
             tracker_factory=factory,
             output_dir=output_dir,
         )
-    except UserError:
-        folder_lock.release_if_unused(output_dir)  # bad input leaves no folder behind
-        raise

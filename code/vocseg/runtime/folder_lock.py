@@ -10,6 +10,7 @@ v3 with lockd; GPFS; CephFS; Lustre mounted with ``-o flock``). Lustre's ``local
 global file locks only see the runs of the same node; a file system without locks at all gets a warning.
 """
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -26,6 +27,19 @@ LOCK_FILE = "run.lock"
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 _held = {}  # lock path -> file descriptor, open (so locked) until this process ends
 _created = {}  # lock path -> the folders taking the lock created, deepest first
+
+
+@contextlib.contextmanager
+def run_folder(folder: Path, hold: bool = True):
+    """The run folder for the block's work: locked first when ``hold`` (hold_run_folder); bad input raised inside
+    leaves no lock nor folder behind (release_if_unused)."""
+    if hold:
+        hold_run_folder(folder)
+    try:
+        yield folder
+    except UserError:
+        release_if_unused(folder)
+        raise
 
 
 def hold_run_folder(folder: Path) -> None:
