@@ -4,9 +4,11 @@ task records what would be sent). The online side is tests/server/test_server_ou
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -277,3 +279,62 @@ def test_clearml_sync_without_its_server_keeps_what_is_pending(tmp_path, no_serv
     assert out.startswith("error: sending ") and "did not answer" in out
     assert (folder / pending.PENDING_FILE).read_text() == before
     assert json.loads(before)["task_id"] == "t" * 32
+
+
+@pytest.fixture
+def frozen_server_env(no_server_env):
+    """Credentials for a loopback server that answers the project's probe and then nothing: a server frozen
+    just after the sync started (every later request is read, then left without an answer)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            request = conn.recv(65536)
+            if b"/debug.ping" in request.split(b"\r\n", 1)[0]:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                conn.close()
+            else:
+                held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield {**no_server_env, "CLEARML_API_HOST": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+    stop.set()
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_sync_whose_server_stops_answering_says_so_and_ends_on_ctrl_c_in_one_line(tmp_path, frozen_server_env):
+    folder = run_folder(tmp_path)
+    pending.keep(folder, record())
+    before = (folder / pending.PENDING_FILE).read_text()
+    proc = subprocess.Popen(
+        [sys.executable, SYNC, str(folder)],
+        cwd=ROOT,
+        env=frozen_server_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines, deadline = [], threading.Timer(90, proc.kill)  # a sync that never says so would wait forever
+    deadline.start()
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("still sending after "):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=60)[0]
+    deadline.cancel()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert f"waiting on the ClearML server {frozen_server_env['CLEARML_API_HOST']}" in lines[-1]
+    assert rest.strip().count("\n") == 0 and rest.startswith("error: interrupted while sending"), rest
+    assert f"stays in {folder / pending.PENDING_FILE}" in rest and "Traceback" not in rest
+    assert (folder / pending.PENDING_FILE).read_text() == before

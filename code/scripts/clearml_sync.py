@@ -9,10 +9,13 @@ sends nothing. A rerun in the run folder sends them too, at its start. The serve
 """
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
 from vocseg.errors import UserError, exit_with, one_line
+
+STILL_S = 10.0  # a delivery taking longer says so: the SDK waits on a server that does not answer without a word
 
 
 def main(argv=None) -> None:
@@ -48,16 +51,56 @@ def sync(folder: Path) -> str:
     session.require_server(f"sending {folder / pending.PENDING_FILE}")
     session._tune_sdk()
     started = time.monotonic()
-    try:
-        sent = pending.deliver(folder, say=lambda line: print(line, flush=True))
-    except UserError:
-        raise
-    except Exception as exc:
+    outcome = _deliver_watched(folder, record, session._api_host())
+    if "error" in outcome:
+        exc = outcome["error"]
+        if isinstance(exc, UserError):
+            raise exc
         raise UserError(
             f"{folder / pending.PENDING_FILE} not (fully) sent to ClearML task {record['task_id']}: "
             f"{one_line(exc)}; what was not sent stays there: run this again"
-        ) from None
+        )
+    sent = outcome["sent"]
     return f"sent to ClearML task {record['task_id']} in {time.monotonic() - started:.1f} s: {pending.describe(sent)}"
+
+
+def _deliver_watched(folder: Path, record: dict, host: str) -> dict:
+    """Delivers in a thread of its own, so that a server that stops answering midway (the SDK then retries
+    without end and without a word) is said after STILL_S and Ctrl-C ends the wait in one line."""
+    from vocseg.clearml import pending
+    from vocseg.clearml.outage import abandon_sdk_exit_waits
+
+    outcome = {}
+
+    def send():
+        try:
+            outcome["sent"] = pending.deliver(folder, say=lambda line: print(line, flush=True))
+        except Exception as exc:  # said by the caller, in one line
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=send, name="vocseg-clearml sync", daemon=True)
+    thread.start()
+    try:
+        thread.join(STILL_S)
+        if thread.is_alive():
+            print(
+                f"still sending after {STILL_S:.0f} s: waiting on the ClearML server {host} (Ctrl-C stops; what is "
+                f"not sent stays in {folder / pending.PENDING_FILE})",
+                flush=True,
+            )
+        while thread.is_alive():
+            thread.join(1.0)
+    except KeyboardInterrupt:
+        # The SDK's threads still wait on the server, and its exit hooks would join them.
+        abandon_sdk_exit_waits()
+        exit_with(
+            UserError(
+                f"interrupted while sending to ClearML task {record['task_id']} on {host}: what was not sent "
+                f"stays in {folder / pending.PENDING_FILE}; run this again once the server answers"
+            ),
+            130,
+        )
+    return outcome
 
 
 if __name__ == "__main__":

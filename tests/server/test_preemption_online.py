@@ -59,6 +59,8 @@ def test_a_stopped_run_started_again_in_its_folder_continues_its_task(
     run_dir = tmp_path / "out" / "tiny_clearml" / "slurm-4242"
     assert (run_dir / "clearml_task_id").read_text() == task_id
     stopped_at = re.search(r"stopped at iteration (\d+)", first).group(1)  # never an epoch's last (2)
+    # Stopped, as a stop from the web UI reads: not failed for its exit 75, nor completed (train.sbatch's exit 0).
+    assert Task.get_task(task_id).get_status() == "stopped"
     held = Task.get_task(task_id).artifacts["training_checkpoint"]
     assert held.metadata["iteration"] == stopped_at and Path(held.url).name == f"training_checkpoint_{stopped_at}.pt"
 
@@ -193,3 +195,29 @@ def test_a_task_whose_agent_vanished_continues_on_another_agent(
     assert continued == uninterrupted
     images = Task.get_task(spot.id).get_debug_samples("val", "image | ground truth | prediction")
     assert sorted(e["iter"] for e in images) == list(range(1, 9))
+
+
+# A task's process that ends the way train.sbatch's ranks end after a warning: told to end stopped, exit 0.
+ENDS_STOPPED = """
+import sys
+from clearml import Task
+from vocseg.clearml.session import end_as_stopped
+task = Task.init(project_name="vocseg-tests", task_name=sys.argv[1])
+print("task", task.id, flush=True)
+end_as_stopped(task)
+sys.exit(0)
+"""
+
+
+def test_a_run_that_exits_0_for_its_requeue_ends_stopped_not_completed(server_env, checkout):
+    """The exit of a rank whose launcher named VOCSEG_REQUEUE_FILE is 0: ClearML's exit hook alone marks that
+    completed, which an HPO search or a dashboard would take for a finished run."""
+    from clearml import Task
+
+    name = f"requeue-exit-0-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(
+        [sys.executable, "-c", ENDS_STOPPED, name], cwd=checkout, env=server_env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (task_id,) = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("task ")]
+    assert Task.get_task(task_id).get_status() == "stopped"

@@ -15,6 +15,7 @@ from vocseg.clearml.session import (
     _api_host,
     announce_offline_session,
     config_constants,
+    end_as_stopped,
     finish,
     probe_server,
 )
@@ -187,8 +188,10 @@ class ClearMLTracker:
             # A run that stops before its end leaves its newest checkpoint on the task for whoever continues it.
             self.uploads.close(upload_pending=bool(unfinished), timeout=600.0 if answers else ANSWER_S)
         if unfinished:
-            # Left open, ClearML's exit hook marks the task failed (or stopped); closing it now would mark it
-            # completed.
+            # Left open, ClearML's exit hook marks the task at exit (closing it now would mark it completed):
+            # failed on a NaN or an error, and told to, stopped on a signal, as the pending record says.
+            if self._stop_status(error)[0] == "stopped":
+                end_as_stopped(self.task)
             if self.task.is_offline():
                 announce_offline_session(self.task.get_offline_mode_folder())
                 return

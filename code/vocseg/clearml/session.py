@@ -341,6 +341,16 @@ def finish(task) -> None:
         announce_offline_session(folder)
 
 
+def end_as_stopped(task) -> None:
+    """Has ClearML's exit hook mark ``task`` stopped when the process exits. Left to itself the hook marks a run
+    that a signal stopped (it saved a checkpoint to continue from) failed when it exits non-zero (75, or 130 on
+    Ctrl-C) and completed when it exits 0 (a requeue request file); its flag for a stop asked from the web UI
+    gives the status such a run has. The SDK has no public way to set it."""
+    hook = getattr(type(task), "_Task__exit_hook", None)
+    if hook is not None:
+        hook.remote_user_aborted = True
+
+
 def announce_offline_session(folder) -> None:
     archive = Path(f"{folder}.zip")
     script = os.path.relpath(_IMPORT_SCRIPT) if _IMPORT_SCRIPT.exists() else "code/scripts/import_offline_session.py"
