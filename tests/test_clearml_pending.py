@@ -131,6 +131,21 @@ def test_the_journal_forgets_only_what_a_flush_started_after_it_was_marked(tmp_p
     assert journal.entries() == []
 
 
+def test_the_journal_keeps_the_last_images_only_and_forgets_them_like_scalars():
+    journal = pending.Journal()
+    for epoch in range(1, 8):
+        journal.add("val", "mIoU", epoch, 0.5)
+        journal.add_image("val", "grid", epoch, count=epoch - 1, image=f"grid {epoch}")
+    kept = [(im["iteration"], im["count"], im["image"]) for im in journal.images()]
+    assert kept == [(e, e - 1, f"grid {e}") for e in range(3, 8)]
+    assert len(journal.entries()) == 7  # the scalars are all there
+    journal.add_image("val", "grid", 8, count=7, image="grid 8")
+    mark = journal.mark()
+    journal.add_image("val", "grid", 9, count=8, image="grid 9")
+    journal.confirm(mark)
+    assert [im["iteration"] for im in journal.images()] == [9] and journal.entries() == []
+
+
 def test_a_journaled_logger_reports_through_and_journals(tmp_path):
     calls, journal = [], pending.Journal()
     logger = pending.JournaledLogger(FakeLogger(calls), journal)
@@ -338,3 +353,18 @@ def test_a_sync_whose_server_stops_answering_says_so_and_ends_on_ctrl_c_in_one_l
     assert rest.strip().count("\n") == 0 and rest.startswith("error: interrupted while sending"), rest
     assert f"stays in {folder / pending.PENDING_FILE}" in rest and "Traceback" not in rest
     assert (folder / pending.PENDING_FILE).read_text() == before
+
+
+def test_a_kept_image_grid_is_sent_under_the_file_count_of_its_validation(tmp_path, registered):
+    """The SDK names a debug image's file by a count of this process's reports of its series: a sync starting at
+    0 would overwrite the file of the first validation's grid with the last one's."""
+    from clearml.backend_interface.metrics.events import UploadEvent
+
+    folder = run_folder(tmp_path)
+    (folder / "val_grid.png").write_bytes(b"not read by the stand-in")
+    grid = {"title": "val", "series": "a grid", "iteration": 4, "file": "val_grid.png", "count": 3}
+    pending.keep(folder, record(images=[grid]))
+    task = FakeTask()
+    pending.deliver(folder, task=task)
+    assert ("image", "val", "a grid", 4, "val_grid.png") in task.calls
+    assert UploadEvent._get_metric_count("val", "a grid") == 3  # the count its report (the real one) takes

@@ -32,7 +32,10 @@ for m, series in task.get_reported_scalars().items():
     for s, values in series.items():
         at[f"{m}/{s}"] = sorted(values["x"])
 models = [Path(m.url).name for m in task.models["output"]] if task.models["output"] else []
-print(json.dumps({"status": task.get_status(), "at": at, "models": models}))
+grids = task.get_debug_samples("val", "image | ground truth | prediction")
+files = sorted({e["url"] for e in grids})  # one file each: none overwrote another's
+grids = sorted(e["iter"] for e in grids)
+print(json.dumps({"status": task.get_status(), "at": at, "models": models, "grids": grids, "grid_files": files}))
 """.replace("import json, sys", "import json, sys\nfrom pathlib import Path")
 
 
@@ -163,7 +166,7 @@ def test_a_server_back_only_after_the_run_ended_gets_the_rest_with_clearml_sync(
     assert exit_s < EXIT_S, output[-3000:]
     task_id = task_id_of(output)
     (unclosed,) = [line for line in output.splitlines() if "left unclosed" in line]
-    assert "best model best_model_2_" in unclosed and "status completed" in unclosed
+    assert "best model best_model_2_" in unclosed and "status completed" in unclosed and " images" in unclosed
     assert f"clearml_sync.py {run_dir}` once the server answers" in unclosed
     assert json.loads((run_dir / PENDING).read_text())["task_id"] == task_id
     subprocess.run([CLEARML_LOCAL, "resume", str(state)], check=True, capture_output=True)
@@ -177,6 +180,8 @@ def test_a_server_back_only_after_the_run_ended_gets_the_rest_with_clearml_sync(
     assert held["at"]["train/batch_loss"] == [1, 2, 3, 4] and held["at"]["val/mIoU"] == [1, 2]
     assert held["at"]["val/IoU/background"] == [1, 2]
     assert any(name.startswith("best_model_2_") for name in held["models"]), held["models"]
+    # The last validation's image grid, reported while frozen: kept, then sent in a file of its own.
+    assert held["grids"] == [1, 2] and len(held["grid_files"]) == 2, held
     # A second sync sends nothing again.
     status, out, _ = sync(run_dir, env, checkout)
     assert status == 0 and out.strip().endswith(f"nothing to send: {run_dir} keeps no reports for a ClearML server")

@@ -33,17 +33,29 @@ def sync_command(folder) -> str:
     return f"python {script} {folder}"
 
 
+IMAGES_KEPT = 5  # the SDK keeps the files of a debug image series' last 5 reports (its file_history_size)
+
+
 class Journal:
-    """The scalars reported to the task that the server may not hold yet, in the order reported."""
+    """The scalars and debug images reported to the task that the server may not hold yet, in the order
+    reported. Of the images, the last IMAGES_KEPT only: the server keeps no more files of a series."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._entries: list = []
+        self._entries: list = []  # scalars [title, series, iteration, value]; images dicts (see add_image)
         self._dropped = 0  # entries confirmed delivered and forgotten
 
     def add(self, title: str, series: str, iteration: int, value: float) -> None:
         with self._lock:
             self._entries.append([str(title), str(series), int(iteration), float(value)])
+
+    def add_image(self, title: str, series: str, iteration: int, count: int, image) -> None:
+        """An image (an HxWx3 RGB uint8 array) reported with the SDK's file count ``count`` of its series."""
+        with self._lock:
+            self._entries.append(dict(title=title, series=series, iteration=int(iteration), count=count, image=image))
+            kept = [e for e in self._entries if isinstance(e, dict) and e["image"] is not None]
+            for old in kept[:-IMAGES_KEPT]:
+                old["image"] = None  # its place stays: marks count positions
 
     def mark(self) -> int:
         """A position: everything reported before it is delivered once a flush started after it ends."""
@@ -58,8 +70,14 @@ class Journal:
                 self._dropped = mark
 
     def entries(self) -> list:
+        """The scalars."""
         with self._lock:
-            return [list(e) for e in self._entries]
+            return [list(e) for e in self._entries if isinstance(e, list)]
+
+    def images(self) -> list:
+        """The images: dicts of title, series, iteration, count and image."""
+        with self._lock:
+            return [dict(e) for e in self._entries if isinstance(e, dict) and e["image"] is not None]
 
 
 class JournaledLogger:
@@ -183,6 +201,8 @@ def deliver(folder, task=None, set_status: bool = True, say=print) -> dict | Non
         for image in record.get("images", []):
             path = folder / image["file"]
             if path.is_file():
+                if "count" in image:
+                    next_image_count(image["title"], image["series"], image["count"])
                 logger.report_image(image["title"], image["series"], iteration=image["iteration"], local_path=str(path))
         cm = record.get("confusion_matrix")
         if cm:
@@ -225,6 +245,18 @@ def deliver(folder, task=None, set_status: bool = True, say=print) -> dict | Non
         _set_status(task, status, record.get("status_message"))
     (folder / PENDING_FILE).unlink(missing_ok=True)
     return sent
+
+
+def next_image_count(title: str, series: str, count: int) -> None:
+    """Has this process's next report of debug image ``title``/``series`` take the SDK's file count ``count``.
+    The SDK names the file of each debug image by a count of this process's reports of that series (it keeps
+    the last few files): a resumed run, or a sync, starting again at 0 would overwrite the file of an earlier
+    iteration. The SDK has no public way to set it."""
+    from clearml.backend_interface.metrics.events import UploadEvent
+
+    counters = getattr(UploadEvent, "_metric_counters", None)
+    if isinstance(counters, dict):
+        counters[f"{title}_{series}"] = count - 1
 
 
 def _get_task(task_id: str, server: str | None):

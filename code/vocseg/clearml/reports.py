@@ -1,9 +1,11 @@
 """What runs report to their ClearML task: the training tracker and the evaluation report."""
 
 import logging
+import os
 import sys
 import warnings
 
+import numpy as np
 from ignite.engine import Events
 
 from vocseg.clearml import pending
@@ -26,6 +28,7 @@ from vocseg.models import backbone_source
 log = logging.getLogger("vocseg")
 
 GRID = ("val", "image | ground truth | prediction")  # debug image title and series
+GRID_FOLDER = "val_grids"  # in the run folder: the grids the server did not take (see _keep_images)
 
 
 def class_names(n: int):
@@ -114,16 +117,11 @@ class ClearMLTracker:
                     trainer.add_event_handler(event, self._offer_checkpoint)
 
     def _number_images_on(self, engine) -> None:
-        """ClearML names a debug image's file by a count of this process's reports of that series: a resumed
-        run would start at 0 again and overwrite the files of the iterations reported before it (the server
-        then shows one image per file). At the start, before any report, the count continues from the
-        validations the resumed run already did."""
-        from clearml.backend_interface.metrics.events import UploadEvent
-
-        counters = getattr(UploadEvent, "_metric_counters", None)
+        """A resumed run's image grids continue the SDK's file count from the validations already done (see
+        pending.next_image_count: the server would otherwise show one image per file)."""
         done = engine.state.iteration // engine.state.epoch_length // self.val_interval
-        if done and isinstance(counters, dict):
-            counters["_".join(GRID)] = done - 1
+        if done:
+            pending.next_image_count(*GRID, done)
 
     def _offer_checkpoint(self, engine) -> None:
         latest = self.checkpointer.last_checkpoint
@@ -147,6 +145,9 @@ class ClearMLTracker:
         grid = getattr(evaluator.state, "grid", None)
         if grid is not None:
             self.clearml.report_image(*GRID, iteration=epoch, image=grid)
+            if self.journal is not None:
+                # The SDK's file count of this grid: one per validation (see _number_images_on).
+                self.journal.add_image(*GRID, epoch, count=epoch // self.val_interval - 1, image=grid)
         if not self.task.is_offline():
             # The upload itself goes on in the background while training goes on; creating the model entry waits
             # on the server, hence the bound.
@@ -256,6 +257,21 @@ class ClearMLTracker:
             }
         return record
 
+    def _keep_images(self, record: dict) -> None:
+        """The journaled image grids, as files of the run folder named in ``record``: the SDK's queue of images
+        the server has not taken yet ends with this process."""
+        import cv2
+
+        for entry in self.journal.images():
+            path = self.output_dir / GRID_FOLDER / f"epoch_{entry['iteration']}.png"
+            path.parent.mkdir(exist_ok=True)
+            partial = path.with_suffix(".partial.png")
+            if not cv2.imwrite(str(partial), np.ascontiguousarray(entry["image"][:, :, ::-1])):  # RGB -> BGR
+                raise OSError(f"OpenCV could not write {partial}")
+            os.replace(partial, path)
+            image = {k: entry[k] for k in ("title", "series", "iteration", "count")}
+            record["images"] = [*record.get("images", []), {**image, "file": self._in_folder(GRID_FOLDER, path.name)}]
+
     def _in_folder(self, *parts) -> str:
         """A file of the run folder as the pending record names it: relative to the folder when inside it."""
         path = self.output_dir.joinpath(*parts)
@@ -264,8 +280,8 @@ class ClearMLTracker:
     def _keep_what_is_missing(self, status: tuple, left: str) -> None:
         """One line: the task was left without its end, what it lacks, and where that is kept for later."""
         record = self._pending_record(status)
-        what = pending.describe(record)
         try:
+            self._keep_images(record)
             kept = pending.keep(self.output_dir, record)
             how = (
                 f"kept in {kept}: send it with `{pending.sync_command(self.output_dir)}` once the server "
@@ -273,6 +289,7 @@ class ClearMLTracker:
             )
         except OSError as exc:
             how = f"could not be kept ({exc.strerror or exc}): the run folder {self.output_dir} holds everything"
+        what = pending.describe(record)
         log.warning(
             "ClearML task %s %s: server %s does not answer; not on the server: %s; %s",
             self.task.id,
