@@ -9,6 +9,7 @@ sends nothing. A rerun in the run folder sends them too, at its start. The serve
 """
 
 import argparse
+import signal
 import threading
 import time
 from pathlib import Path
@@ -67,8 +68,9 @@ def sync(folder: Path) -> str:
 def _deliver_watched(folder: Path, record: dict, host: str) -> dict:
     """Delivers in a thread of its own, so that a server that stops answering midway (the SDK then retries
     without end and without a word) is said after STILL_S and Ctrl-C ends the wait in one line."""
+    import clearml  # noqa: F401  (here: an import half done in the thread below would hold up Ctrl-C's exit)
+
     from vocseg.clearml import pending
-    from vocseg.clearml.outage import abandon_sdk_exit_waits
 
     outcome = {}
 
@@ -78,6 +80,7 @@ def _deliver_watched(folder: Path, record: dict, host: str) -> dict:
         except Exception as exc:  # said by the caller, in one line
             outcome["error"] = exc
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt, whatever took it
     thread = threading.Thread(target=send, name="vocseg-clearml sync", daemon=True)
     thread.start()
     try:
@@ -91,14 +94,14 @@ def _deliver_watched(folder: Path, record: dict, host: str) -> dict:
         while thread.is_alive():
             thread.join(1.0)
     except KeyboardInterrupt:
-        # The SDK's threads still wait on the server, and its exit hooks would join them.
-        abandon_sdk_exit_waits()
+        # At once: the SDK's threads still wait on the server, and exit hooks would join them.
         exit_with(
             UserError(
                 f"interrupted while sending to ClearML task {record['task_id']} on {host}: what was not sent "
                 f"stays in {folder / pending.PENDING_FILE}; run this again once the server answers"
             ),
             130,
+            now=True,
         )
     return outcome
 

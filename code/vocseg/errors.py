@@ -39,10 +39,15 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def exit_with(exc: BaseException, code: int = 2) -> None:
+def exit_with(exc: BaseException, code: int = 2, now: bool = False) -> None:
+    """Prints ``exc`` in one line and exits with ``code``; ``now``: without running exit hooks or joining
+    threads (one of them still waits on something that does not answer)."""
     line = f"error: {one_line(exc)}"
     _record_for_torchrun(line)
     print(line, file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 
