@@ -20,9 +20,18 @@ def task_id_of(output: str) -> str:
 
 
 def run(cmd, env, cwd, timeout=420):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        # What it printed before it was killed: the only trace of a hang (the run folder holds little then).
+        said = "".join(_text(part) for part in (exc.stdout, exc.stderr))
+        raise AssertionError(f"{cmd[:4]} still running after {timeout} s; it printed:\n{said[-6000:]}") from None
     proc.output = proc.stdout + proc.stderr
     return proc
+
+
+def _text(part) -> str:
+    return part.decode(errors="replace") if isinstance(part, bytes) else part or ""
 
 
 def scalar_events(task):

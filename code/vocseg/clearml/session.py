@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -272,6 +273,7 @@ def init_task(
     _tune_sdk()
     offline = choose_offline(need_server)
     continue_id = None if offline else continue_id
+    monitor, init_returned = _resource_monitor_after_init()
     try:
         task = Task.init(
             project_name=PROJECT,
@@ -284,12 +286,15 @@ def init_task(
             # Models are registered explicitly (best checkpoints only); scalars come from Ignite's handlers,
             # not a second time from TensorBoard.
             auto_connect_frameworks={"pytorch": False, "tensorboard": False, "tensorboardx": False},
+            auto_resource_monitoring=monitor,
         )
     except Exception as exc:  # e.g. a server that answers but rejects the credentials
         raise UserError(
             f"ClearML could not create the task: {one_line(exc)}: check the server and credentials "
             f"(or unset CLEARML_OUTPUT_PATH to train untracked)"
         ) from None
+    finally:
+        init_returned.set()
     if continue_id and task.id == continue_id:
         say(f"continuing task {task.id}, recorded in the run folder: its curves go on at their own iterations")
     elif continue_id:
@@ -339,6 +344,26 @@ def finish(task) -> None:
     task.close()
     if folder:
         announce_offline_session(folder)
+
+
+def _resource_monitor_after_init():
+    """ClearML's resource monitor (machine, CPU and GPU graphs), as a class for ``Task.init`` whose thread starts
+    its work once ``Task.init`` has returned (set the event returned with it). In ClearML 2.1.12 the monitor's
+    first act, writing the machine's specs into the task, and Task.init's last, writing the run's, take the
+    task's edit lock from two threads at once, and that lock is not safe across threads: 2 of the last 4 runs
+    of the online suite's two-process clone hung there for good (rank 0 in Task.init, the other rank waiting
+    for it). In a monitor subprocess (not this project's setting) the event is never set: it starts after
+    two minutes then."""
+    from clearml.utilities.resource_monitor import ResourceMonitor
+
+    init_returned = threading.Event()
+
+    class AfterInit(ResourceMonitor):
+        def daemon(self):
+            init_returned.wait(timeout=120.0)
+            super().daemon()
+
+    return AfterInit, init_returned
 
 
 def end_as_stopped(task) -> None:
